@@ -1,0 +1,5 @@
+"""`python -m ccm` runs the command line."""
+
+from ccm.cli import main
+
+main()

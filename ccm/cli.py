@@ -1,0 +1,338 @@
+"""The `ccm` command: parse options, load settings once, call one function, print the outcome.
+
+Errors print one line saying what to do next and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import Engine
+
+from ccm.clock import utcnow
+from ccm.config import Settings, load_settings, parse_duration
+from ccm.errors import CcmError
+from ccm.store import migrate
+from ccm.store.engine import make_engine
+
+app = typer.Typer(
+    name="ccm",
+    help="Client Connection Manager: live registry and SQL history for AIP clients.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Schema migrations (Alembic).", no_args_is_help=True)
+audit_app = typer.Typer(help="Answer audit questions from the SQL history.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Settings file (default: $CCM_CONFIG or config/ccm.yaml)."),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--database-url", help="SQLAlchemy URL; overrides the settings."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _settings(config: Path | None, database_url: str | None = None) -> Settings:
+    settings = load_settings(config)
+    if database_url:
+        settings = settings.with_overrides({"database.url": database_url})
+    return settings
+
+
+def _engine(settings: Settings) -> Engine:
+    engine = make_engine(
+        settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous
+    )
+    migrate.ensure_schema(engine)
+    return engine
+
+
+def _when(value: str | None) -> datetime | None:
+    """An ISO 8601 time, or a duration meaning that long ago (`24h`, `7d`)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            return utcnow() - parse_duration(value)
+        except ValueError:
+            raise CcmError(
+                f"cannot read time {value!r}: use ISO 8601 (2026-05-01T09:30:00+00:00) "
+                "or a duration ago (24h, 7d)"
+            ) from None
+    if parsed.tzinfo is None:
+        raise CcmError(f"time {value!r} has no UTC offset; add +00:00 (or Z)")
+    return parsed
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    settings = _settings(config, database_url)
+    migrate.upgrade(settings.database_url, revision)
+    out.print(f"database at {migrate.current_revision(make_engine(settings.database_url))}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision (e.g. base).")],
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """Revert migrations down to REVISION."""
+    settings = _settings(config, database_url)
+    migrate.downgrade(settings.database_url, revision)
+    out.print(f"database at {migrate.current_revision(make_engine(settings.database_url))}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the database's revision and the code's head."""
+    settings = _settings(config, database_url)
+    current = migrate.current_revision(make_engine(settings.database_url))
+    head = migrate.head_revision()
+    if as_json:
+        _print_json({"current": current, "head": head, "up_to_date": current == head})
+        return
+    state = "up to date" if current == head else "OUTDATED: run `ccm db upgrade`"
+    out.print(f"current {current or '(empty)'}  head {head}  {state}")
+
+
+@db_app.command("check")
+def db_check(config: ConfigOpt = None, database_url: UrlOpt = None) -> None:
+    """Fail if the database is not at head or the models differ from the migrations."""
+    settings = _settings(config, database_url)
+    engine = make_engine(settings.database_url)
+    current, head = migrate.current_revision(engine), migrate.head_revision()
+    if current != head:
+        raise CcmError(f"database is at {current or '(empty)'}, head is {head}: run `ccm db upgrade`")
+    migrate.check(settings.database_url)
+    out.print("schema matches the models")
+
+
+# -- cleanup -----------------------------------------------------------------------------------
+
+
+@app.command()
+def cleanup(
+    finished_before: Annotated[
+        str | None,
+        typer.Option(help="Delete sessions that finished longer ago than this (e.g. 7d)."),
+    ] = None,
+    connections_before: Annotated[
+        str | None,
+        typer.Option(help="Delete closed connections older than this (default: settings)."),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per transaction.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete finished sessions and old connection rows, in batches; safe while the server runs."""
+    from ccm.maintenance import plan_cleanup, run_cleanup
+
+    settings = _settings(config, database_url)
+    engine = _engine(settings)
+    now = utcnow()
+    sessions_cut = now - (
+        parse_duration(finished_before) if finished_before else settings.cleanup.finished_before
+    )
+    connections_cut = now - (
+        parse_duration(connections_before)
+        if connections_before
+        else settings.cleanup.connections_retention
+    )
+    size = batch_size or settings.cleanup.batch_size
+    if dry_run or as_json:
+        report = run_cleanup(
+            engine,
+            sessions_before=sessions_cut,
+            connections_before=connections_cut,
+            batch_size=size,
+            dry_run=dry_run,
+        )
+    else:
+        plan = plan_cleanup(engine, sessions_before=sessions_cut, connections_before=connections_cut)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as bar:
+            tasks = {
+                "sessions": bar.add_task("sessions", total=plan.sessions),
+                "connections": bar.add_task("connections", total=plan.connections),
+            }
+            report = run_cleanup(
+                engine,
+                sessions_before=sessions_cut,
+                connections_before=connections_cut,
+                batch_size=size,
+                progress=lambda table, n: bar.advance(tasks[table], n),
+            )
+    if as_json:
+        _print_json(
+            {
+                "dry_run": report.dry_run,
+                "sessions": report.sessions_deleted,
+                "connections": report.connections_deleted,
+                "sessions_finished_before": sessions_cut.isoformat(),
+                "connections_closed_before": connections_cut.isoformat(),
+            }
+        )
+        return
+    verb = "would delete" if report.dry_run else "deleted"
+    out.print(
+        f"{verb} {report.sessions_deleted} sessions finished before {sessions_cut:%Y-%m-%d %H:%M} "
+        f"UTC and {report.connections_deleted} connections closed before "
+        f"{connections_cut:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+@audit_app.command("online")
+def audit_online(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Who is online now (as recorded in SQL)."""
+    from ccm.store.repository import read_online_clients
+
+    rows = read_online_clients(_engine(_settings(config, database_url)))
+    if as_json:
+        _print_json([row.as_dict() for row in rows])
+        return
+    _table(
+        f"{len(rows)} clients online",
+        ["client_id", "type", "platform", "first seen", "last seen"],
+        [[r.client_id, r.client_type, r.platform, r.first_seen_at, r.last_seen_at] for r in rows],
+    )
+
+
+@audit_app.command("connections")
+def audit_connections(
+    client_id: Annotated[str, typer.Argument(help="The client whose history to show.")],
+    since: Annotated[str | None, typer.Option(help="ISO time or duration ago (24h).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time or duration ago.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A client's connection history, newest first."""
+    from ccm.store.repository import read_connection_history
+
+    rows = read_connection_history(
+        _engine(_settings(config, database_url)),
+        client_id,
+        since=_when(since),
+        until=_when(until),
+        limit=limit,
+    )
+    if as_json:
+        _print_json([row.as_dict() for row in rows])
+        return
+    _table(
+        f"connections of {client_id}",
+        ["connected", "disconnected", "reason", "remote", "connection_id"],
+        [
+            [r.connected_at, r.disconnected_at, r.disconnect_reason, r.remote_address, r.connection_id]
+            for r in rows
+        ],
+    )
+
+
+@audit_app.command("sessions")
+def audit_sessions(
+    device: Annotated[str | None, typer.Option(help="Sessions run by this device.")] = None,
+    constellation: Annotated[
+        str | None, typer.Option(help="Sessions asked for by this constellation.")
+    ] = None,
+    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time or duration ago (24h).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time or duration ago.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sessions of a device or constellation in a time range, newest first."""
+    from ccm.store.repository import read_sessions
+
+    rows = read_sessions(
+        _engine(_settings(config, database_url)),
+        device_id=device,
+        constellation_id=constellation,
+        state=state,
+        since=_when(since),
+        until=_when(until),
+        limit=limit,
+    )
+    if as_json:
+        _print_json([row.as_dict() for row in rows])
+        return
+    _table(
+        f"{len(rows)} sessions",
+        ["session_id", "state", "device", "constellation", "task", "created", "ended", "reason"],
+        [
+            [
+                r.session_id,
+                r.state,
+                r.device_id,
+                r.constellation_id,
+                r.task_name,
+                r.created_at,
+                r.ended_at,
+                r.reason or r.error,
+            ]
+            for r in rows
+        ],
+    )
+
+
+def main() -> None:
+    """Entry point of the `ccm` script: CcmError becomes one line on stderr and exit 1."""
+    try:
+        app()
+    except CcmError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(1) from None
+

@@ -1,0 +1,45 @@
+"""Errors callers branch on. Each carries the data needed to explain it."""
+
+from __future__ import annotations
+
+
+class CcmError(Exception):
+    """Base of every error ccm raises on purpose."""
+
+
+class ConfigError(CcmError):
+    """A configuration file or value is wrong; the message names the file and key or line."""
+
+
+class DuplicateClientError(CcmError):
+    """A client id is already live and the duplicate policy is `reject`."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(
+            f"client_id '{client_id}' is already registered; duplicate registrations are not allowed"
+        )
+        self.client_id = client_id
+
+
+class SessionError(CcmError):
+    """A session operation is not allowed (unknown id, already running, wrong party)."""
+
+
+class StoreUnavailable(CcmError):
+    """The database cannot take writes now; the writer keeps them queued (up to its bound)."""
+
+
+class StoreBacklogFull(CcmError):
+    """The writer's queue is at its bound: new durable work (sessions) must be refused."""
+
+
+class SchemaOutdated(CcmError):
+    """The database schema is not at the migration head."""
+
+    def __init__(self, current: str | None, head: str | None, url: str) -> None:
+        super().__init__(
+            f"database schema is at {current or 'nothing (empty database)'}, code expects {head}; "
+            f"run `ccm db upgrade --database-url {url}` first"
+        )
+        self.current = current
+        self.head = head

@@ -1,0 +1,220 @@
+"""SessionManager: the life of a task session, from creation to one final state.
+
+A session is live (pending or running) until it ends exactly once: completed, failed, cancelled or
+interrupted. Ending is idempotent: the first call wins and returns the session, later calls return
+None, so a constellation and its device disconnecting together end each session once. Ending also
+drops the session from the registry's maps, so nothing accumulates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from ccm.errors import SessionError
+from ccm.clock import Clock, utcnow
+from ccm.registry import ClientConnectionManager
+from ccm.store.models import FINISHED_STATES, SessionState
+
+if TYPE_CHECKING:
+    from ccm.store import Store
+
+logger = logging.getLogger(__name__)
+
+MAX_SESSION_ID_LENGTH = 512
+
+
+class Origin(StrEnum):
+    CONSTELLATION = "constellation"
+    DEVICE = "device"
+    HTTP = "http"
+
+
+class Mode(StrEnum):
+    RELAY = "relay"
+    AGENT = "agent"
+
+
+@dataclass(eq=False)
+class LiveSession:
+    """A session that has not ended yet. `id` is ccm's run key; `session_id` the wire id."""
+
+    id: str
+    session_id: str
+    device_id: str
+    origin: Origin
+    mode: Mode
+    constellation_id: str | None = None
+    task_name: str | None = None
+    request: str | None = None
+    state: SessionState = SessionState.RUNNING
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    owner_id: str = ""
+    """The client that gets the TASK_END: the constellation, or the device for its own task."""
+    runtime: dict[str, Any] = field(default_factory=dict)
+    """Scratch space for whoever executes the session (a runner), never persisted."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndedSession:
+    """What ending a session produced; returned only to the caller that actually ended it."""
+
+    session: LiveSession
+    state: SessionState
+    reason: str | None
+    result: Any
+    error: str | None
+    ended_at: datetime
+
+
+class SessionManager:
+    """Live sessions in memory, their history written through the registry's store."""
+
+    def __init__(self, registry: ClientConnectionManager, *, clock: Clock = utcnow) -> None:
+        self._registry = registry
+        self._store: Store | None = registry.store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._live: dict[str, LiveSession] = {}
+
+    def create(
+        self,
+        session_id: str | None,
+        device_id: str,
+        *,
+        origin: Origin,
+        mode: Mode,
+        constellation_id: str | None = None,
+        task_name: str | None = None,
+        request: str | None = None,
+        track_for_device: bool = True,
+    ) -> LiveSession:
+        """Start a session. A `session_id` that is live already is refused (SessionError), and so
+        is any new session while the store's queue is at its bound (StoreBacklogFull)."""
+        session_id = session_id or str(uuid.uuid4())
+        if len(session_id) > MAX_SESSION_ID_LENGTH:
+            raise SessionError(f"session_id is longer than {MAX_SESSION_ID_LENGTH} characters")
+        if self._store is not None:
+            self._store.writer.reserve()
+        now = self._clock()
+        owner = constellation_id if origin is Origin.CONSTELLATION and constellation_id else device_id
+        session = LiveSession(
+            id=str(uuid.uuid4()),
+            session_id=session_id,
+            device_id=device_id,
+            origin=origin,
+            mode=mode,
+            constellation_id=constellation_id,
+            task_name=task_name,
+            request=request,
+            state=SessionState.RUNNING,
+            created_at=now,
+            started_at=now,
+            owner_id=owner,
+        )
+        with self._lock:
+            live = self._live.get(session_id)
+            if live is not None:
+                if live.owner_id != owner:
+                    raise SessionError(f"session_id '{session_id}' is owned by another client")
+                raise SessionError(f"session_id '{session_id}' is already running")
+            self._live[session_id] = session
+        if constellation_id is not None:
+            self._registry.add_constellation_session(constellation_id, session_id)
+        if track_for_device:
+            self._registry.add_device_session(device_id, session_id)
+        if self._store is not None:
+            self._store.record_session_created(
+                id=session.id,
+                session_id=session_id,
+                task_name=task_name,
+                request=request,
+                origin=origin.value,
+                constellation_id=constellation_id,
+                device_id=device_id,
+                mode=mode.value,
+                state=SessionState.RUNNING,
+                at=now,
+            )
+        logger.info(
+            "session started session_id=%s device_id=%s origin=%s mode=%s",
+            session_id,
+            device_id,
+            origin.value,
+            mode.value,
+        )
+        return session
+
+    def get(self, session_id: str) -> LiveSession | None:
+        with self._lock:
+            return self._live.get(session_id)
+
+    def live_sessions(self) -> list[LiveSession]:
+        with self._lock:
+            return list(self._live.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def finish(
+        self,
+        session_id: str,
+        state: SessionState,
+        *,
+        reason: str | None = None,
+        result: Any = None,
+        error: str | None = None,
+        run_id: str | None = None,
+    ) -> EndedSession | None:
+        """End a live session once. Returns None if it had already ended (idempotent).
+
+        With `run_id`, only that run is ended, so a late call for an earlier run that reused the
+        same wire id cannot end the current one.
+        """
+        if state not in FINISHED_STATES:
+            raise ValueError(f"{state} is not a final state")
+        with self._lock:
+            session = self._live.get(session_id)
+            if session is None or (run_id is not None and session.id != run_id):
+                return None
+            del self._live[session_id]
+        session.state = state
+        ended_at = self._clock()
+        self._registry.remove_session(session_id)
+        if self._store is not None:
+            self._store.record_session_ended(
+                id=session.id, state=state, reason=reason, result=result, error=error, at=ended_at
+            )
+        logger.info(
+            "session ended session_id=%s state=%s reason=%s", session_id, state.value, reason
+        )
+        return EndedSession(session, state, reason, result, error, ended_at)
+
+    def complete(self, session_id: str, result: Any = None) -> EndedSession | None:
+        return self.finish(session_id, SessionState.COMPLETED, result=result)
+
+    def fail(
+        self, session_id: str, *, error: str, reason: str | None = None, result: Any = None
+    ) -> EndedSession | None:
+        return self.finish(
+            session_id, SessionState.FAILED, reason=reason, error=error, result=result
+        )
+
+    def cancel_task(self, session_id: str, reason: str) -> EndedSession | None:
+        """Cancel a session (the seed's name). Safe to call for an ended or unknown session."""
+        return self.finish(session_id, SessionState.CANCELLED, reason=reason)
+
+    def interrupt_all(self, reason: str) -> list[EndedSession]:
+        """End every live session as interrupted (server shutdown)."""
+        ended = [
+            self.finish(s.session_id, SessionState.INTERRUPTED, reason=reason, run_id=s.id)
+            for s in self.live_sessions()
+        ]
+        return [e for e in ended if e is not None]

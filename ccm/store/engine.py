@@ -1,0 +1,55 @@
+"""make_engine(url): SQLite pragmas (WAL, synchronous, foreign keys) and Postgres pool options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.engine import URL
+
+from ccm.config import SqliteSynchronous
+
+
+def normalise_url(url: str | URL) -> URL:
+    """Use psycopg 3 for plain `postgresql://` URLs (SQLAlchemy would pick psycopg2)."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def is_sqlite(url: str | URL) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(
+    url: str | URL,
+    *,
+    sqlite_synchronous: SqliteSynchronous = SqliteSynchronous.NORMAL,
+    pool_size: int = 5,
+) -> Engine:
+    """An engine for `url`; a SQLite file's folder is created, and WAL is switched on."""
+    parsed = normalise_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        engine = create_engine(parsed, **kwargs)
+        _install_sqlite_pragmas(engine, sqlite_synchronous)
+        return engine
+    kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    return create_engine(parsed, **kwargs)
+
+
+def _install_sqlite_pragmas(engine: Engine, synchronous: SqliteSynchronous) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={SqliteSynchronous(synchronous).value}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()

@@ -1,0 +1,165 @@
+"""The SQL schema: clients, connections, sessions and server runs.
+
+Alembic owns the schema (`migrations/`); these models are its source for autogenerate and the
+tables the store writes with SQLAlchemy Core. Every time is timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always aware UTC in Python, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use datetime.now(UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+
+
+class SessionState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset(
+    {SessionState.COMPLETED, SessionState.FAILED, SessionState.CANCELLED, SessionState.INTERRUPTED}
+)
+LIVE_STATES = frozenset({SessionState.PENDING, SessionState.RUNNING})
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ServerRunRecord(Base):
+    """One process lifetime of ccm; connections and sessions name the run that saw them."""
+
+    __tablename__ = "server_runs"
+
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    version: Mapped[str | None] = mapped_column(String(32))
+
+
+class ClientRecord(Base):
+    """Every client id ever seen, with what it last reported and whether it is online now."""
+
+    __tablename__ = "clients"
+
+    client_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    client_type: Mapped[str] = mapped_column(String(16))
+    platform: Mapped[str | None] = mapped_column(String(64))
+    client_metadata: Mapped[Any] = mapped_column("metadata", JSONValue, nullable=True)
+    system_info: Mapped[Any] = mapped_column(JSONValue, nullable=True)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    online: Mapped[bool] = mapped_column(default=False)
+    current_connection_id: Mapped[str | None] = mapped_column(String(36))
+
+    __table_args__ = (Index("ix_clients_online_client_type", "online", "client_type"),)
+
+
+class ConnectionRecord(Base):
+    """One WebSocket connection that registered: when, from where, and why it ended."""
+
+    __tablename__ = "connections"
+
+    connection_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(512), ForeignKey("clients.client_id"))
+    client_type: Mapped[str] = mapped_column(String(16))
+    connected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    disconnected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    disconnect_reason: Mapped[str | None] = mapped_column(String(64))
+    remote_address: Mapped[str | None] = mapped_column(String(128))
+    server_run_id: Mapped[str | None] = mapped_column(String(36))
+
+    __table_args__ = (
+        Index("ix_connections_client_id_connected_at", "client_id", "connected_at"),
+        Index("ix_connections_disconnected_at", "disconnected_at"),
+    )
+
+
+class SessionRecord(Base):
+    """One run of one task: who asked, where it ran, and how it ended.
+
+    `id` is ccm's own key for the run; `session_id` is the wire id, which a constellation may use
+    again for a later run once the earlier one has finished.
+    """
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(512))
+    task_name: Mapped[str | None] = mapped_column(String(255))
+    request: Mapped[str | None] = mapped_column(Text)
+    origin: Mapped[str] = mapped_column(String(16))
+    """Who asked: `constellation`, `device` (its own task) or `http` (dispatch API)."""
+    constellation_id: Mapped[str | None] = mapped_column(String(512))
+    device_id: Mapped[str] = mapped_column(String(512))
+    mode: Mapped[str] = mapped_column(String(16))
+    """`relay` (the device runs the task) or `agent` (a ccm runner drives it with commands)."""
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    """Why it was cancelled, failed or interrupted (`device_disconnected`, `server_restart`, ...)."""
+    result: Mapped[Any] = mapped_column(JSONValue, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    server_run_id: Mapped[str | None] = mapped_column(String(36))
+
+    __table_args__ = (
+        Index("ix_sessions_session_id", "session_id"),
+        Index("ix_sessions_device_id_created_at", "device_id", "created_at"),
+        Index("ix_sessions_constellation_id_created_at", "constellation_id", "created_at"),
+        Index("ix_sessions_state_ended_at", "state", "ended_at"),
+        Index("ix_sessions_task_name_created_at", "task_name", "created_at"),
+    )
+
+
+clients = ClientRecord.__table__
+connections = ConnectionRecord.__table__
+sessions = SessionRecord.__table__
+server_runs = ServerRunRecord.__table__

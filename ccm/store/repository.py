@@ -1,0 +1,419 @@
+"""Store: the only code that writes SQL. Write methods queue idempotent writes on the writer;
+read methods run a query and return plain values (no live ORM objects).
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ccm.clock import utcnow
+from ccm.store.models import (
+    LIVE_STATES,
+    SessionState,
+    clients,
+    connections,
+    server_runs,
+    sessions,
+)
+from ccm.store.writer import StoreWriter, Write
+
+
+def _insert_for(conn: Connection, table: Any) -> Any:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database dialect {conn.dialect.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    connections_closed: int
+    clients_marked_offline: int
+    sessions_interrupted: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    id: str
+    session_id: str
+    task_name: str | None
+    request: str | None
+    origin: str
+    constellation_id: str | None
+    device_id: str
+    mode: str
+    state: str
+    reason: str | None
+    result: Any
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: (value.isoformat() if isinstance(value, datetime) else value)
+            for name, value in ((f, getattr(self, f)) for f in self.__slots__)
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRow:
+    connection_id: str
+    client_id: str
+    client_type: str
+    connected_at: datetime
+    disconnected_at: datetime | None
+    disconnect_reason: str | None
+    remote_address: str | None
+    server_run_id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: (value.isoformat() if isinstance(value, datetime) else value)
+            for name, value in ((f, getattr(self, f)) for f in self.__slots__)
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRow:
+    client_id: str
+    client_type: str
+    platform: str | None
+    first_seen_at: datetime
+    last_seen_at: datetime
+    online: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: (value.isoformat() if isinstance(value, datetime) else value)
+            for name, value in ((f, getattr(self, f)) for f in self.__slots__)
+        }
+
+
+class Store:
+    """Durable history of clients, connections and sessions, written through one StoreWriter."""
+
+    def __init__(self, engine: Engine, writer: StoreWriter, *, run_id: str | None = None) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.run_id = run_id or str(uuid.uuid4())
+
+    # -- lifecycle (synchronous, at start and stop) -----------------------------------------
+
+    def recover_after_restart(self, *, at: datetime | None = None) -> RecoveryReport:
+        """Close what a previous process left open: connections, online flags, live sessions."""
+        at = at or utcnow()
+        with self.engine.begin() as conn:
+            closed = conn.execute(
+                update(connections)
+                .where(connections.c.disconnected_at.is_(None))
+                .values(disconnected_at=at, disconnect_reason="server_restart")
+            ).rowcount
+            offline = conn.execute(
+                update(clients)
+                .where(clients.c.online.is_(True))
+                .values(online=False, current_connection_id=None)
+            ).rowcount
+            interrupted = conn.execute(
+                update(sessions)
+                .where(sessions.c.state.in_([s.value for s in LIVE_STATES]))
+                .values(
+                    state=SessionState.INTERRUPTED.value,
+                    reason="server_restart",
+                    ended_at=at,
+                )
+            ).rowcount
+            conn.execute(
+                update(server_runs)
+                .where(server_runs.c.stopped_at.is_(None))
+                .values(stopped_at=at)
+            )
+        return RecoveryReport(closed, offline, interrupted)
+
+    def record_run_started(self, *, version: str, at: datetime | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(server_runs).values(
+                    run_id=self.run_id,
+                    started_at=at or utcnow(),
+                    hostname=socket.gethostname(),
+                    version=version,
+                )
+            )
+
+    def record_run_stopped(self, *, at: datetime | None = None) -> None:
+        run_id, stopped = self.run_id, at or utcnow()
+
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                update(server_runs).where(server_runs.c.run_id == run_id).values(stopped_at=stopped)
+            )
+
+        self.writer.submit(Write("run_stopped", apply))
+
+    # -- writes (queued) --------------------------------------------------------------------
+
+    def record_connect(
+        self,
+        *,
+        connection_id: str,
+        client_id: str,
+        client_type: str,
+        platform: str | None,
+        metadata: Any,
+        system_info: Any,
+        remote_address: str | None,
+        at: datetime,
+    ) -> None:
+        """A client registered on a new connection: upsert the client, insert the connection."""
+        run_id = self.run_id
+
+        def apply(conn: Connection) -> None:
+            stmt = _insert_for(conn, clients).values(
+                client_id=client_id,
+                client_type=client_type,
+                platform=platform,
+                metadata=metadata,
+                system_info=system_info,
+                first_seen_at=at,
+                last_seen_at=at,
+                online=True,
+                current_connection_id=connection_id,
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[clients.c.client_id],
+                    set_={
+                        "client_type": stmt.excluded.client_type,
+                        "platform": stmt.excluded.platform,
+                        "metadata": stmt.excluded.metadata,
+                        "system_info": stmt.excluded.system_info,
+                        "last_seen_at": stmt.excluded.last_seen_at,
+                        "online": True,
+                        "current_connection_id": stmt.excluded.current_connection_id,
+                    },
+                )
+            )
+            conn.execute(
+                _insert_for(conn, connections)
+                .values(
+                    connection_id=connection_id,
+                    client_id=client_id,
+                    client_type=client_type,
+                    connected_at=at,
+                    remote_address=remote_address,
+                    server_run_id=run_id,
+                )
+                .on_conflict_do_nothing(index_elements=[connections.c.connection_id])
+            )
+
+        self.writer.submit(Write("connect", apply))
+
+    def record_disconnect(
+        self, *, connection_id: str, client_id: str, reason: str, at: datetime
+    ) -> None:
+        """A connection ended. The client goes offline only if this was its current connection."""
+
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                update(connections)
+                .where(
+                    and_(
+                        connections.c.connection_id == connection_id,
+                        connections.c.disconnected_at.is_(None),
+                    )
+                )
+                .values(disconnected_at=at, disconnect_reason=reason)
+            )
+            conn.execute(
+                update(clients)
+                .where(
+                    and_(
+                        clients.c.client_id == client_id,
+                        clients.c.current_connection_id == connection_id,
+                    )
+                )
+                .values(online=False, last_seen_at=at, current_connection_id=None)
+            )
+
+        self.writer.submit(Write("disconnect", apply))
+
+    def record_system_info(self, *, client_id: str, system_info: Any) -> None:
+        """A device's merged system info changed (device config reloaded)."""
+
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                update(clients).where(clients.c.client_id == client_id).values(
+                    system_info=system_info
+                )
+            )
+
+        self.writer.submit(Write("system_info", apply))
+
+    def record_session_created(
+        self,
+        *,
+        id: str,
+        session_id: str,
+        task_name: str | None,
+        request: str | None,
+        origin: str,
+        constellation_id: str | None,
+        device_id: str,
+        mode: str,
+        state: SessionState,
+        at: datetime,
+    ) -> None:
+        run_id = self.run_id
+        values = {
+            "id": id,
+            "session_id": session_id,
+            "task_name": task_name,
+            "request": request,
+            "origin": origin,
+            "constellation_id": constellation_id,
+            "device_id": device_id,
+            "mode": mode,
+            "state": state.value,
+            "created_at": at,
+            "started_at": at if state is SessionState.RUNNING else None,
+            "server_run_id": run_id,
+        }
+
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                _insert_for(conn, sessions)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[sessions.c.id])
+            )
+
+        self.writer.submit(Write("session_created", apply))
+
+    def record_session_started(self, *, id: str, at: datetime) -> None:
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                update(sessions)
+                .where(and_(sessions.c.id == id, sessions.c.state == SessionState.PENDING.value))
+                .values(state=SessionState.RUNNING.value, started_at=at)
+            )
+
+        self.writer.submit(Write("session_started", apply))
+
+    def record_session_ended(
+        self,
+        *,
+        id: str,
+        state: SessionState,
+        reason: str | None,
+        result: Any,
+        error: str | None,
+        at: datetime,
+    ) -> None:
+        """A session reached a final state. Guarded so a replay never overwrites an earlier end."""
+
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                update(sessions)
+                .where(
+                    and_(
+                        sessions.c.id == id,
+                        sessions.c.state.in_([s.value for s in LIVE_STATES]),
+                    )
+                )
+                .values(state=state.value, reason=reason, result=result, error=error, ended_at=at)
+            )
+
+        self.writer.submit(Write("session_ended", apply))
+
+
+# -- reads: plain functions on an engine, used by the store's owner, the API and the CLI --
+
+
+def read_online_clients(engine: Engine) -> list[ClientRow]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                clients.c.client_id,
+                clients.c.client_type,
+                clients.c.platform,
+                clients.c.first_seen_at,
+                clients.c.last_seen_at,
+                clients.c.online,
+            )
+            .where(clients.c.online.is_(True))
+            .order_by(clients.c.client_type, clients.c.client_id)
+        ).all()
+    return [ClientRow(*row) for row in rows]
+
+def read_connection_history(
+    engine: Engine,
+    client_id: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[ConnectionRow]:
+    query = select(*connections.c).where(connections.c.client_id == client_id)
+    if since is not None:
+        query = query.where(connections.c.connected_at >= since)
+    if until is not None:
+        query = query.where(connections.c.connected_at < until)
+    query = query.order_by(connections.c.connected_at.desc()).limit(limit).offset(offset)
+    with engine.connect() as conn:
+        return [ConnectionRow(**row._mapping) for row in conn.execute(query)]
+
+def read_sessions(
+    engine: Engine,
+    *,
+    state: str | Sequence[str] | None = None,
+    device_id: str | None = None,
+    constellation_id: str | None = None,
+    session_id: str | None = None,
+    task_name: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[SessionRow]:
+    """Sessions newest first, filtered; `since`/`until` bound `created_at`."""
+    query = select(*sessions.c)
+    if state is not None:
+        states = [state] if isinstance(state, str) else list(state)
+        query = query.where(sessions.c.state.in_(states))
+    if device_id is not None:
+        query = query.where(sessions.c.device_id == device_id)
+    if constellation_id is not None:
+        query = query.where(sessions.c.constellation_id == constellation_id)
+    if session_id is not None:
+        query = query.where(sessions.c.session_id == session_id)
+    if task_name is not None:
+        query = query.where(sessions.c.task_name == task_name)
+    if since is not None:
+        query = query.where(sessions.c.created_at >= since)
+    if until is not None:
+        query = query.where(sessions.c.created_at < until)
+    query = query.order_by(sessions.c.created_at.desc(), sessions.c.id).limit(limit)
+    query = query.offset(offset)
+    with engine.connect() as conn:
+        return [
+            SessionRow(**{k: v for k, v in row._mapping.items() if k != "server_run_id"})
+            for row in conn.execute(query)
+        ]
+
+def read_session_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(sessions.c.state, func.count()).group_by(sessions.c.state)
+        ).all()
+    return {state: count for state, count in rows}

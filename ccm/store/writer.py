@@ -1,0 +1,256 @@
+"""The store writer: one thread that applies queued writes in batches, one transaction per batch.
+
+Callers on the event loop (or any thread) only append to a queue, so they never wait on I/O. A
+caller that needs the durable point awaits `durable()`: it resolves once every write queued before
+it is committed. While the database is away, the batch is retried with the same writes, which are
+idempotent (upserts and guarded updates), so nothing is lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from ccm.errors import StoreBacklogFull
+
+logger = logging.getLogger(__name__)
+
+WriteFn = Callable[[Connection], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One queued write: a label for logs and a function that runs it on a connection."""
+
+    kind: str
+    apply: WriteFn
+
+
+@dataclass(slots=True)
+class _Barrier:
+    future: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    queue_depth: int
+    max_queue: int
+    batches_committed: int
+    writes_committed: int
+    writes_failed: int
+    degraded: bool
+    last_error: str | None
+    last_batch_size: int
+    last_commit_seconds: float
+
+
+class StoreWriter:
+    """Drains queued writes into the database in batches (group commit)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        batch_size: int = 500,
+        max_queue: int = 100_000,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self._engine = engine
+        self._batch_size = batch_size
+        self._max_queue = max_queue
+        self._retry_interval = retry_interval
+        self._queue: collections.deque[Write | _Barrier] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._batches = 0
+        self._committed = 0
+        self._failed = 0
+        self._degraded = False
+        self._last_error: str | None = None
+        self._last_batch = 0
+        self._last_commit = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ccm-store-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Apply everything queued, then stop. Returns False if the queue could not be drained."""
+        thread = self._thread
+        if thread is None:
+            return True
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        thread.join(timeout)
+        self._thread = None
+        drained = not thread.is_alive() and not self._queue
+        if not drained:
+            logger.error(
+                "store writer stopped with %d writes not applied (database unavailable: %s)",
+                len(self._queue),
+                self._last_error,
+            )
+        return drained
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    # -- producers ---------------------------------------------------------------------------
+
+    def submit(self, write: Write) -> None:
+        """Queue a write. Never blocks on I/O."""
+        with self._cond:
+            self._queue.append(write)
+            if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
+                self._cond.notify()
+
+    def has_capacity(self) -> bool:
+        """Whether new durable work (a session) may be accepted."""
+        return len(self._queue) < self._max_queue
+
+    def reserve(self) -> None:
+        """Raise StoreBacklogFull when the queue is at its bound."""
+        if not self.has_capacity():
+            raise StoreBacklogFull(
+                f"the database is not keeping up ({len(self._queue)} writes queued, "
+                f"bound {self._max_queue}); new sessions are refused until it recovers"
+            )
+
+    def flush(self) -> concurrent.futures.Future[None]:
+        """A future that resolves once every write queued so far is committed."""
+        barrier = _Barrier()
+        if self._thread is None:
+            # Not running: apply synchronously so callers still get the durable point.
+            self._drain_inline()
+            barrier.future.set_result(None)
+            return barrier.future
+        with self._cond:
+            self._queue.append(barrier)
+            self._cond.notify()
+        return barrier.future
+
+    async def durable(self) -> None:
+        """Await the commit of every write queued before this call."""
+        await asyncio.wrap_future(self.flush())
+
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            queue_depth=sum(1 for item in list(self._queue) if isinstance(item, Write)),
+            max_queue=self._max_queue,
+            batches_committed=self._batches,
+            writes_committed=self._committed,
+            writes_failed=self._failed,
+            degraded=self._degraded,
+            last_error=self._last_error,
+            last_batch_size=self._last_batch,
+            last_commit_seconds=self._last_commit,
+        )
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Write | _Barrier]:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            batch: list[Write | _Barrier] = []
+            writes = 0
+            while self._queue and writes < self._batch_size:
+                item = self._queue.popleft()
+                batch.append(item)
+                if isinstance(item, Write):
+                    writes += 1
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                if self._stopping:
+                    return
+                continue
+            if not self._apply_until_done(batch):
+                # Stopping while the database is away: put the batch back so stop() reports it.
+                with self._cond:
+                    self._queue.extendleft(reversed(batch))
+                return
+
+    def _drain_inline(self) -> None:
+        while self._queue:
+            batch: list[Write | _Barrier] = []
+            while self._queue and len(batch) < self._batch_size:
+                batch.append(self._queue.popleft())
+            self._apply_until_done(batch, retry=False)
+
+    def _apply_until_done(self, batch: list[Write | _Barrier], *, retry: bool = True) -> bool:
+        writes = [item for item in batch if isinstance(item, Write)]
+        deadline: float | None = None
+        while True:
+            try:
+                started = time.perf_counter()
+                self._commit(writes)
+                self._last_commit = time.perf_counter() - started
+                break
+            except OperationalError as exc:
+                # Transient: the database is away or locked. Keep the batch and try again.
+                self._mark_degraded(exc)
+                if not retry:
+                    raise
+                if self._stopping:
+                    deadline = deadline or time.monotonic() + 10 * self._retry_interval
+                    if time.monotonic() > deadline:
+                        return False
+                time.sleep(self._retry_interval)
+            except DBAPIError as exc:
+                # Not transient: one write is bad. Apply them one by one and drop only the bad one.
+                logger.error("batch of %d writes failed (%s); retrying singly", len(writes), exc)
+                self._commit_singly(writes)
+                break
+        if self._degraded:
+            logger.warning("database writes recovered after: %s", self._last_error)
+        self._degraded = False
+        self._batches += 1
+        self._last_batch = len(writes)
+        for item in batch:
+            if isinstance(item, _Barrier) and not item.future.done():
+                item.future.set_result(None)
+        return True
+
+    def _commit(self, writes: list[Write]) -> None:
+        with self._engine.begin() as conn:
+            for write in writes:
+                write.apply(conn)
+        self._committed += len(writes)
+
+    def _commit_singly(self, writes: list[Write]) -> None:
+        for write in writes:
+            try:
+                with self._engine.begin() as conn:
+                    write.apply(conn)
+                self._committed += 1
+            except DBAPIError as exc:
+                self._failed += 1
+                logger.error("dropped write %s: %s", write.kind, exc)
+
+    def _mark_degraded(self, exc: Exception) -> None:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not self._degraded or message != self._last_error:
+            logger.warning("database unavailable, writes queued (%d): %s", len(self._queue), message)
+        self._degraded = True
+        self._last_error = message

@@ -1,0 +1,1 @@
+"""Alembic revision scripts for ccm (installed as the package `ccm.migrations`)."""
