@@ -95,6 +95,46 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     out.print(table)
 
 
+# -- serve -------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 5000).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="API key for clients (default: settings or generated).")
+    ] = None,
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+) -> None:
+    """Run the server: AIP WebSocket at /ws, HTTP API at /api, OpenAPI docs at /docs."""
+    from ccm.logs import configure_logging
+    from ccm.server.app import create_app
+    from ccm.server.auth import API_KEY_FILE, resolve_api_key
+    from ccm.server.serve import run_server
+
+    settings = _settings(config, database_url).with_overrides(
+        {"server.host": host, "server.port": port, "server.api_key": api_key}
+    )
+    configure_logging(log_level)
+    key, generated = resolve_api_key(settings)
+    where = settings.data_dir / API_KEY_FILE
+    base = f"{settings.server.host}:{settings.server.port}"
+    if generated:
+        err.print(
+            f"[bold]Generated an API key[/bold] (stored in {where}, mode 0600; shown only now):\n"
+            f"  {key}\n"
+            f"  WebSocket clients: ws://{base}/ws?token=<key>\n"
+            f"  HTTP API:          curl -H 'X-API-Key: <key>' http://{base}/api/health",
+            highlight=False,
+        )
+    elif not settings.server.api_key:
+        err.print(f"API key: read from {where}", highlight=False)
+    run_server(create_app(settings, api_key=key), settings)
+
+
 # -- db ----------------------------------------------------------------------------------------
 
 

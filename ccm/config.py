@@ -95,6 +95,10 @@ class ServerSettings(_Section):
     send_timeout: Duration = timedelta(seconds=10)
     allowed_hosts: list[str] = Field(default_factory=list)
     """Extra Host header values accepted when bound to loopback (DNS-rebinding guard)."""
+    allow_unscoped_constellations: bool = False
+    """Let a constellation that registered without target_id task and query any device."""
+    agent_runner: str | None = None
+    """`package.module:factory` building a runner for natural-language tasks (an LLM agent)."""
 
 
 class Settings(_Section):
@@ -197,9 +201,15 @@ def load_settings(
     for var, key_path in ENV_KEYS.items():
         if var in env:
             raw = env[var]
-            value: Any = yaml.safe_load(raw) if raw.strip() else None
+            value: Any
             if key_path[-1] in {"url", "api_key"}:
                 value = raw  # never reinterpret secrets or URLs as YAML
+            else:
+                try:
+                    value = yaml.safe_load(raw) if raw.strip() else None
+                except yaml.YAMLError:
+                    key = ".".join(key_path)
+                    raise ConfigError(f"{var} (config key '{key}'): cannot parse {raw!r}") from None
             _set_path(data, key_path, value)
             source = f"{source} + environment"
     return _validate(data, source=source)

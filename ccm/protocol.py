@@ -1,0 +1,221 @@
+"""AIP on the wire: typed client messages, server frames, decoding and limits. No I/O here.
+
+Parsing is lenient the way UFO's is (only `type` and `status` are required, `client_type`
+defaults to `device`, unknown keys are ignored). Every server frame carries every ServerMessage
+field, `null` when empty, in UFO's declaration order, as compact JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+JSONValue = Any
+
+
+class ClientMessageType(StrEnum):
+    TASK = "task"
+    HEARTBEAT = "heartbeat"
+    COMMAND_RESULTS = "command_results"
+    ERROR = "error"
+    REGISTER = "register"
+    TASK_END = "task_end"
+    DEVICE_INFO_REQUEST = "device_info_request"
+    DEVICE_INFO_RESPONSE = "device_info_response"
+
+
+class ServerMessageType(StrEnum):
+    TASK = "task"
+    HEARTBEAT = "heartbeat"
+    TASK_END = "task_end"
+    COMMAND = "command"
+    ERROR = "error"
+    DEVICE_INFO_REQUEST = "device_info_request"
+    DEVICE_INFO_RESPONSE = "device_info_response"
+
+
+class TaskStatus(StrEnum):
+    CONTINUE = "continue"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    OK = "ok"
+    ERROR = "error"
+
+
+class WireClientType(StrEnum):
+    DEVICE = "device"
+    CONSTELLATION = "constellation"
+
+
+class ResultStatus(StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    SKIPPED = "skipped"
+    NONE = "none"
+
+
+class Result(BaseModel):
+    """One tool call's outcome inside COMMAND_RESULTS."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: ResultStatus
+    error: str | None = None
+    result: JSONValue = None
+    namespace: str | None = None
+    call_id: str | None = None
+
+
+class ClientMessage(BaseModel):
+    """A frame from a device or constellation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: ClientMessageType
+    status: TaskStatus
+    client_type: WireClientType = WireClientType.DEVICE
+    session_id: str | None = None
+    task_name: str | None = None
+    client_id: str | None = None
+    target_id: str | None = None
+    request: str | None = None
+    action_results: list[Result] | None = None
+    timestamp: str | None = None
+    request_id: str | None = None
+    prev_response_id: str | None = None
+    error: str | None = None
+    metadata: dict[str, JSONValue] | None = None
+
+
+class FrameError(Exception):
+    """A frame could not be read. `close_code` is the WebSocket code to use if we must close."""
+
+    def __init__(self, reason: str, close_code: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.close_code = close_code
+
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_INVALID_PAYLOAD = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+
+
+def decode_client_message(text: str) -> ClientMessage:
+    """Parse one text frame; FrameError (1007) if it is not a JSON object of the right shape."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise FrameError(f"frame is not valid JSON: {exc}", CLOSE_INVALID_PAYLOAD) from None
+    if not isinstance(data, dict):
+        raise FrameError("frame must be one JSON object", CLOSE_INVALID_PAYLOAD)
+    try:
+        return ClientMessage.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'frame'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        raise FrameError(f"invalid message: {problems}", CLOSE_INVALID_PAYLOAD) from None
+
+
+def timestamp() -> str:
+    """UFO's form: isoformat of aware UTC, `+00:00` offset."""
+    return datetime.now(UTC).isoformat()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def server_frame(
+    type: ServerMessageType,
+    status: TaskStatus,
+    *,
+    user_request: str | None = None,
+    agent_name: str | None = None,
+    process_name: str | None = None,
+    root_name: str | None = None,
+    actions: list[dict[str, Any]] | None = None,
+    messages: list[str] | None = None,
+    error: str | None = None,
+    session_id: str | None = None,
+    task_name: str | None = None,
+    response_id: str | None = None,
+    result: JSONValue = None,
+) -> str:
+    """Encode one ServerMessage with every field present, in UFO's field order."""
+    return json.dumps(
+        {
+            "type": type.value,
+            "status": status.value,
+            "user_request": user_request,
+            "agent_name": agent_name,
+            "process_name": process_name,
+            "root_name": root_name,
+            "actions": actions,
+            "messages": messages,
+            "error": error,
+            "session_id": session_id,
+            "task_name": task_name,
+            "timestamp": timestamp(),
+            "response_id": response_id or new_id(),
+            "result": result,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    )
+
+
+def ok_frame(session_id: str | None = None) -> str:
+    """Registration confirmation, heartbeat ack and task ACK: all `heartbeat`/`ok` (decision D1)."""
+    return server_frame(ServerMessageType.HEARTBEAT, TaskStatus.OK, session_id=session_id)
+
+
+def error_frame(message: str) -> str:
+    return server_frame(ServerMessageType.ERROR, TaskStatus.ERROR, error=message)
+
+
+def task_end_frame(
+    session_id: str,
+    *,
+    completed: bool,
+    result: JSONValue = None,
+    error: str | None = None,
+    response_id: str | None = None,
+) -> str:
+    return server_frame(
+        ServerMessageType.TASK_END,
+        TaskStatus.COMPLETED if completed else TaskStatus.FAILED,
+        session_id=session_id,
+        result=result,
+        error=error,
+        response_id=response_id,
+    )
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+def sanitize_task_name(name: str | None) -> str:
+    """WebSocket path (6.8): unsafe characters become `_`, leading dots go, empty -> a UUID."""
+    cleaned = _UNSAFE_NAME.sub("_", name or "").lstrip(".")
+    return cleaned[:255] or new_id()
+
+
+def is_valid_task_name(name: object) -> bool:
+    """HTTP path (6.8): the name must already be safe, or it is refused."""
+    return isinstance(name, str) and len(name) <= 255 and bool(_SAFE_NAME.match(name))

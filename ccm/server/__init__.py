@@ -1,0 +1,1 @@
+"""The server: FastAPI app factory, AIP WebSocket endpoint, HTTP API."""

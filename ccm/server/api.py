@@ -1,0 +1,277 @@
+"""HTTP API: health, clients, devices, sessions, stats, dispatch and task results.
+
+Every route but `/healthz` needs `X-API-Key`. Live answers come from the registry (memory);
+history comes from SQL, queried in a worker thread so the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from ccm.errors import ConfigError, SessionError, StoreBacklogFull
+from ccm.protocol import is_valid_task_name
+from ccm.server.auth import require_api_key
+from ccm.server.deps import HubDep, RegistryDep, StoreDep
+from ccm.sessions import Origin
+from ccm.store.models import FINISHED_STATES, SessionState
+from ccm.store.repository import read_connection_history, read_session_counts, read_sessions
+
+public = APIRouter()
+router = APIRouter()
+protected = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+@public.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    """Liveness only: no authentication, no data."""
+    return {"status": "ok"}
+
+
+@protected.get("/health", tags=["health"])
+def health(registry: RegistryDep, store: StoreDep) -> dict[str, Any]:
+    """`healthy`, or `degraded` while the database is not taking writes."""
+    writer = store.writer.stats()
+    return {
+        "status": "degraded" if writer.degraded else "healthy",
+        "online_clients": registry.list_clients(),
+        "database": {
+            "queue_depth": writer.queue_depth,
+            "max_queue": writer.max_queue,
+            "degraded": writer.degraded,
+            "last_error": writer.last_error,
+        },
+        "run_id": store.run_id,
+    }
+
+
+@protected.get("/clients", tags=["clients"])
+def clients(registry: RegistryDep) -> dict[str, Any]:
+    """Live clients: UFO's `online_clients` list plus each client's type and platform."""
+    details = []
+    for client_id in registry.list_clients():
+        info = registry.get_client_info(client_id)
+        if info is not None:
+            details.append(
+                {
+                    "client_id": client_id,
+                    "client_type": info.client_type.value,
+                    "platform": info.platform,
+                    "connected_at": info.connected_at.isoformat(),
+                    "last_heartbeat_at": info.last_heartbeat_at.isoformat()
+                    if info.last_heartbeat_at
+                    else None,
+                }
+            )
+    return {"online_clients": [d["client_id"] for d in details], "clients": details}
+
+
+@protected.get("/clients/{client_id}/connections", tags=["clients"])
+async def client_connections(
+    client_id: str,
+    store: StoreDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> dict[str, Any]:
+    """A client's connection history from SQL, newest first."""
+    rows = await run_in_threadpool(
+        read_connection_history,
+        store.engine,
+        client_id,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
+    )
+    return _page([r.as_dict() for r in rows], limit, offset)
+
+
+@protected.get("/devices", tags=["devices"])
+def devices(registry: RegistryDep) -> dict[str, Any]:
+    stats = registry.get_stats()
+    return {
+        "devices": stats["devices"]["ids"],
+        "count": stats["devices"]["count"],
+        "by_platform": stats["devices"]["platforms"],
+    }
+
+
+@protected.get("/devices/select", tags=["devices"])
+def select_device(
+    registry: RegistryDep,
+    platform: str | None = None,
+    capabilities: Annotated[list[str] | None, Query()] = None,
+    tags: Annotated[list[str] | None, Query()] = None,
+) -> dict[str, Any]:
+    """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated."""
+    caps = _split(capabilities)
+    wanted_tags = _split(tags)
+    device_id = registry.select_optimal_device(platform, caps, wanted_tags)
+    if device_id is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No connected device matches")
+    return {"device_id": device_id, "system_info": registry.get_device_system_info(device_id)}
+
+
+@protected.post("/devices/reload-config", tags=["devices"])
+def reload_device_config(registry: RegistryDep) -> dict[str, Any]:
+    """Re-read the device config file and re-merge it into live devices."""
+    try:
+        changed = registry.reload_device_config()
+    except ConfigError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    return {"status": "reloaded", "entries": len(registry.device_configs), "devices_changed": changed}
+
+
+@protected.get("/devices/{device_id}", tags=["devices"])
+def device(device_id: str, registry: RegistryDep) -> dict[str, Any]:
+    if not registry.is_device_connected(device_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Device not connected")
+    info = registry.get_client_info(device_id)
+    return {
+        "device_id": device_id,
+        "platform": info.platform if info else None,
+        "connected_at": info.connected_at.isoformat() if info else None,
+        "sessions": registry.get_device_sessions(device_id),
+        "system_info": registry.get_device_system_info(device_id),
+    }
+
+
+@protected.get("/stats", tags=["stats"])
+async def stats(registry: RegistryDep, store: StoreDep) -> dict[str, Any]:
+    """The seed's counts, plus sessions by state (SQL) and the store writer's figures."""
+    result = registry.get_stats()
+    result["sessions_by_state"] = await run_in_threadpool(read_session_counts, store.engine)
+    writer = store.writer.stats()
+    result["store"] = {
+        "queue_depth": writer.queue_depth,
+        "batches_committed": writer.batches_committed,
+        "writes_committed": writer.writes_committed,
+        "writes_failed": writer.writes_failed,
+        "degraded": writer.degraded,
+    }
+    return result
+
+
+@protected.get("/sessions", tags=["sessions"])
+async def sessions(
+    store: StoreDep,
+    state: Annotated[list[SessionState] | None, Query()] = None,
+    device_id: str | None = None,
+    constellation_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> dict[str, Any]:
+    """Session history from SQL, newest first; `since`/`until` bound the creation time."""
+    rows = await run_in_threadpool(
+        read_sessions,
+        store.engine,
+        state=[s.value for s in state] if state else None,
+        device_id=device_id,
+        constellation_id=constellation_id,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
+    )
+    return _page([r.as_dict() for r in rows], limit, offset)
+
+
+@protected.get("/sessions/{session_id}", tags=["sessions"])
+async def session(session_id: str, store: StoreDep) -> dict[str, Any]:
+    """The newest run with this session id (a constellation may reuse an id after it ended)."""
+    rows = await run_in_threadpool(read_sessions, store.engine, session_id=session_id, limit=1)
+    if not rows:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")
+    return rows[0].as_dict()
+
+
+class DispatchBody(BaseModel):
+    client_id: str | None = None
+    request: str | None = None
+    task_name: str | None = None
+
+
+@protected.post("/dispatch", tags=["sessions"])
+async def dispatch(
+    hub: HubDep, registry: RegistryDep, body: Annotated[DispatchBody, Body()]
+) -> dict[str, Any]:
+    """Start a session on a device. The returned `session_id` is the one that runs (and ends up in
+    SQL), unlike UFO's, because ccm runs the session itself instead of bouncing an assignment."""
+    if not body.request:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "Empty task content")
+    if not body.client_id:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "Empty client ID")
+    task_name = body.task_name
+    if "task_name" in body.model_fields_set and not is_valid_task_name(task_name):
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            "Invalid task_name: must be a non-empty string of characters [A-Za-z0-9._-] "
+            "and must not start with '.'",
+        )
+    if not registry.is_online(body.client_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Client not online")
+    if not registry.is_device_connected(body.client_id):
+        raise HTTPException(status.HTTP_409_CONFLICT, "Tasks can only be dispatched to devices")
+    try:
+        session = await hub.start_session(
+            requester=None,
+            session_id=None,
+            device_id=body.client_id,
+            origin=Origin.HTTP,
+            task_name=task_name,
+            request=body.request,
+        )
+    except StoreBacklogFull as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+    except SessionError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return {
+        "status": "dispatched",
+        "task_name": session.task_name,
+        "client_id": body.client_id,
+        "session_id": session.session_id,
+    }
+
+
+@protected.get("/task_result/{task_name}", tags=["sessions"])
+async def task_result(task_name: str, store: StoreDep) -> dict[str, Any]:
+    """UFO's route, answered from SQL: `pending` until the newest session of that name ends."""
+    rows = await run_in_threadpool(read_sessions, store.engine, task_name=task_name, limit=1)
+    if not rows or SessionState(rows[0].state) not in FINISHED_STATES:
+        return {"status": "pending"}
+    row = rows[0]
+    return {
+        "status": "done",
+        "state": row.state,
+        "session_id": row.session_id,
+        "result": row.result,
+        "error": row.error,
+    }
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [part.strip() for v in values or [] for part in v.split(",") if part.strip()]
+
+
+def _page(items: list[dict[str, Any]], limit: int, offset: int) -> dict[str, Any]:
+    return {
+        "items": items,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + limit if len(items) == limit else None,
+    }
+
+
+router.include_router(public)
+router.include_router(protected)

@@ -1,0 +1,32 @@
+"""Annotated dependencies that read the app-lifetime objects from `app.state`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from ccm.registry import ClientConnectionManager
+from ccm.server.hub import Hub
+from ccm.store import Store
+
+
+def _hub(conn: HTTPConnection) -> Hub:
+    hub: Hub = conn.app.state.hub
+    return hub
+
+
+def _registry(conn: HTTPConnection) -> ClientConnectionManager:
+    registry: ClientConnectionManager = conn.app.state.registry
+    return registry
+
+
+def _store(conn: HTTPConnection) -> Store:
+    store: Store = conn.app.state.store
+    return store
+
+
+HubDep = Annotated[Hub, Depends(_hub)]
+RegistryDep = Annotated[ClientConnectionManager, Depends(_registry)]
+StoreDep = Annotated[Store, Depends(_store)]

@@ -1,0 +1,142 @@
+"""The `/ws` endpoint: token check, REGISTER, the receive loop, and errors turned into AIP replies
+or close codes (1007 bad payload, 1008 policy, 1009 too big).
+
+Frames of one connection are handled one after the other, in order. A connection silent for more
+than 1.5x the heartbeat interval is closed with reason `heartbeat_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from ccm.protocol import (
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    ClientMessageType,
+    FrameError,
+    decode_client_message,
+    error_frame,
+)
+from ccm.server.auth import keys_match
+from ccm.server.hub import Hub, RegistrationRefused
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD_FRAMES = 20
+
+
+class _Closed(Exception):
+    """The client went away (close frame or broken socket)."""
+
+    def __init__(self, code: int | None) -> None:
+        self.code = code
+
+
+async def _receive_text(websocket: WebSocket, timeout: float, max_bytes: int) -> str:
+    """One text frame, or FrameError for binary/oversized frames; TimeoutError on silence."""
+    message = await asyncio.wait_for(websocket.receive(), timeout)
+    if message["type"] == "websocket.disconnect":
+        raise _Closed(message.get("code"))
+    text = message.get("text")
+    if text is None:
+        raise FrameError(
+            "binary frames are not supported: send each AIP message as one JSON text frame",
+            CLOSE_INVALID_PAYLOAD,
+        )
+    if len(text) > max_bytes // 4 and len(text.encode("utf-8")) > max_bytes:
+        raise FrameError(f"frame larger than {max_bytes} bytes", CLOSE_TOO_BIG)
+    return text
+
+
+async def _refuse(websocket: WebSocket, text: str, code: int) -> None:
+    """ERROR frame, then close: how every registration failure ends."""
+    with contextlib.suppress(Exception):
+        await websocket.send_text(error_frame(text))
+        await websocket.close(code=code, reason=text[:120])
+
+
+def _remote(websocket: WebSocket) -> str | None:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client else None
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    hub: Hub = websocket.app.state.hub
+    server = hub.settings.server
+    if not keys_match(websocket.query_params.get("token"), websocket.app.state.api_key):
+        # Closing before accept makes uvicorn answer the upgrade with HTTP 403 (6.1).
+        logger.warning("refused websocket: invalid or missing token remote=%s", _remote(websocket))
+        await websocket.close(code=CLOSE_POLICY, reason="Invalid or missing token")
+        return
+    await websocket.accept()
+    max_bytes = server.max_frame_bytes
+    try:
+        text = await _receive_text(websocket, server.register_timeout.total_seconds(), max_bytes)
+        msg = decode_client_message(text)
+    except TimeoutError:
+        await _refuse(
+            websocket,
+            f"REGISTER expected within {server.register_timeout.total_seconds():g} s",
+            CLOSE_POLICY,
+        )
+        return
+    except FrameError as exc:
+        await _refuse(websocket, exc.reason, exc.close_code)
+        return
+    except _Closed:
+        return
+    if msg.type is not ClientMessageType.REGISTER:
+        await _refuse(websocket, "the first frame must be a REGISTER message", CLOSE_POLICY)
+        return
+    try:
+        peer = hub.register(websocket, msg, _remote(websocket))
+    except RegistrationRefused as exc:
+        logger.warning("registration refused client_id=%s: %s", msg.client_id, exc)
+        await _refuse(websocket, str(exc), CLOSE_POLICY)
+        return
+
+    silence_limit = 1.5 * server.heartbeat_interval.total_seconds()
+    reason = "closed"
+    bad_frames = 0
+    try:
+        while True:
+            try:
+                text = await _receive_text(websocket, silence_limit, max_bytes)
+                msg = decode_client_message(text)
+            except FrameError as exc:
+                if exc.close_code == CLOSE_TOO_BIG:
+                    reason = "frame_too_large"
+                    peer.kick(reason, CLOSE_TOO_BIG)
+                    break
+                bad_frames += 1
+                peer.send(error_frame(exc.reason))
+                if bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES:
+                    reason = "protocol_error"
+                    peer.kick(reason, exc.close_code)
+                    break
+                continue
+            bad_frames = 0
+            try:
+                await hub.handle(peer, msg)
+            except Exception:
+                # One bad frame never ends the connection or touches anyone else.
+                logger.exception("error handling %s client_id=%s", msg.type.value, peer.client_id)
+                peer.send(error_frame(f"internal error while handling {msg.type.value}"))
+    except TimeoutError:
+        reason = "heartbeat_timeout"
+        peer.kick(reason)
+    except _Closed as closed:
+        reason = "closed" if closed.code in (None, 1000, 1001) else "connection_lost"
+    except (RuntimeError, OSError):
+        # Receiving after the server closed the socket (kick) or a broken transport.
+        reason = "connection_lost"
+    finally:
+        await hub.disconnect(peer, peer.close_reason or reason)
+        if websocket.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await websocket.close()
