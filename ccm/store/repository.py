@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, func, insert, select, update
 
 from ccm.clock import utcnow
 from ccm.store.models import (
@@ -24,14 +23,6 @@ from ccm.store.models import (
     sessions,
 )
 from ccm.store.writer import StoreWriter, Write
-
-
-def _insert_for(conn: Connection, table: Any) -> Any:
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"unsupported database dialect {conn.dialect.name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +143,11 @@ class Store:
             )
 
     def record_run_stopped(self, *, at: datetime | None = None) -> None:
-        run_id, stopped = self.run_id, at or utcnow()
+        self.writer.submit(
+            Write("run_stopped", params={"p_run_id": self.run_id, "p_at": at or utcnow()})
+        )
 
-        def apply(conn: Connection) -> None:
-            conn.execute(
-                update(server_runs).where(server_runs.c.run_id == run_id).values(stopped_at=stopped)
-            )
-
-        self.writer.submit(Write("run_stopped", apply))
-
-    # -- writes (queued) --------------------------------------------------------------------
+    # -- writes (queued; each is idempotent, see ccm.store.statements) ----------------------
 
     def record_connect(
         self,
@@ -176,89 +162,50 @@ class Store:
         at: datetime,
     ) -> None:
         """A client registered on a new connection: upsert the client, insert the connection."""
-        run_id = self.run_id
-
-        def apply(conn: Connection) -> None:
-            stmt = _insert_for(conn, clients).values(
-                client_id=client_id,
-                client_type=client_type,
-                platform=platform,
-                metadata=metadata,
-                system_info=system_info,
-                first_seen_at=at,
-                last_seen_at=at,
-                online=True,
-                current_connection_id=connection_id,
+        self.writer.submit(
+            Write(
+                "connect",
+                key=client_id,
+                params={
+                    "p_connection_id": connection_id,
+                    "p_client_id": client_id,
+                    "p_client_type": client_type,
+                    "p_platform": platform,
+                    "p_metadata": metadata,
+                    "p_system_info": system_info,
+                    "p_remote_address": remote_address,
+                    "p_server_run_id": self.run_id,
+                    "p_at": at,
+                },
             )
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[clients.c.client_id],
-                    set_={
-                        "client_type": stmt.excluded.client_type,
-                        "platform": stmt.excluded.platform,
-                        "metadata": stmt.excluded.metadata,
-                        "system_info": stmt.excluded.system_info,
-                        "last_seen_at": stmt.excluded.last_seen_at,
-                        "online": True,
-                        "current_connection_id": stmt.excluded.current_connection_id,
-                    },
-                )
-            )
-            conn.execute(
-                _insert_for(conn, connections)
-                .values(
-                    connection_id=connection_id,
-                    client_id=client_id,
-                    client_type=client_type,
-                    connected_at=at,
-                    remote_address=remote_address,
-                    server_run_id=run_id,
-                )
-                .on_conflict_do_nothing(index_elements=[connections.c.connection_id])
-            )
-
-        self.writer.submit(Write("connect", apply))
+        )
 
     def record_disconnect(
         self, *, connection_id: str, client_id: str, reason: str, at: datetime
     ) -> None:
         """A connection ended. The client goes offline only if this was its current connection."""
-
-        def apply(conn: Connection) -> None:
-            conn.execute(
-                update(connections)
-                .where(
-                    and_(
-                        connections.c.connection_id == connection_id,
-                        connections.c.disconnected_at.is_(None),
-                    )
-                )
-                .values(disconnected_at=at, disconnect_reason=reason)
+        self.writer.submit(
+            Write(
+                "disconnect",
+                key=connection_id,
+                params={
+                    "p_connection_id": connection_id,
+                    "p_client_id": client_id,
+                    "p_reason": reason,
+                    "p_at": at,
+                },
             )
-            conn.execute(
-                update(clients)
-                .where(
-                    and_(
-                        clients.c.client_id == client_id,
-                        clients.c.current_connection_id == connection_id,
-                    )
-                )
-                .values(online=False, last_seen_at=at, current_connection_id=None)
-            )
-
-        self.writer.submit(Write("disconnect", apply))
+        )
 
     def record_system_info(self, *, client_id: str, system_info: Any) -> None:
         """A device's merged system info changed (device config reloaded)."""
-
-        def apply(conn: Connection) -> None:
-            conn.execute(
-                update(clients).where(clients.c.client_id == client_id).values(
-                    system_info=system_info
-                )
+        self.writer.submit(
+            Write(
+                "system_info",
+                key=client_id,
+                params={"p_client_id": client_id, "p_system_info": system_info},
             )
-
-        self.writer.submit(Write("system_info", apply))
+        )
 
     def record_session_created(
         self,
@@ -274,40 +221,29 @@ class Store:
         state: SessionState,
         at: datetime,
     ) -> None:
-        run_id = self.run_id
-        values = {
-            "id": id,
-            "session_id": session_id,
-            "task_name": task_name,
-            "request": request,
-            "origin": origin,
-            "constellation_id": constellation_id,
-            "device_id": device_id,
-            "mode": mode,
-            "state": state.value,
-            "created_at": at,
-            "started_at": at if state is SessionState.RUNNING else None,
-            "server_run_id": run_id,
-        }
-
-        def apply(conn: Connection) -> None:
-            conn.execute(
-                _insert_for(conn, sessions)
-                .values(**values)
-                .on_conflict_do_nothing(index_elements=[sessions.c.id])
+        self.writer.submit(
+            Write(
+                "session_created",
+                key=id,
+                params={
+                    "p_id": id,
+                    "p_session_id": session_id,
+                    "p_task_name": task_name,
+                    "p_request": request,
+                    "p_origin": origin,
+                    "p_constellation_id": constellation_id,
+                    "p_device_id": device_id,
+                    "p_mode": mode,
+                    "p_state": state.value,
+                    "p_at": at,
+                    "p_started_at": at if state is SessionState.RUNNING else None,
+                    "p_server_run_id": self.run_id,
+                },
             )
-
-        self.writer.submit(Write("session_created", apply))
+        )
 
     def record_session_started(self, *, id: str, at: datetime) -> None:
-        def apply(conn: Connection) -> None:
-            conn.execute(
-                update(sessions)
-                .where(and_(sessions.c.id == id, sessions.c.state == SessionState.PENDING.value))
-                .values(state=SessionState.RUNNING.value, started_at=at)
-            )
-
-        self.writer.submit(Write("session_started", apply))
+        self.writer.submit(Write("session_started", key=id, params={"p_id": id, "p_at": at}))
 
     def record_session_ended(
         self,
@@ -320,20 +256,20 @@ class Store:
         at: datetime,
     ) -> None:
         """A session reached a final state. Guarded so a replay never overwrites an earlier end."""
-
-        def apply(conn: Connection) -> None:
-            conn.execute(
-                update(sessions)
-                .where(
-                    and_(
-                        sessions.c.id == id,
-                        sessions.c.state.in_([s.value for s in LIVE_STATES]),
-                    )
-                )
-                .values(state=state.value, reason=reason, result=result, error=error, ended_at=at)
+        self.writer.submit(
+            Write(
+                "session_ended",
+                key=id,
+                params={
+                    "p_id": id,
+                    "p_state": state.value,
+                    "p_reason": reason,
+                    "p_result": result,
+                    "p_error": error,
+                    "p_at": at,
+                },
             )
-
-        self.writer.submit(Write("session_ended", apply))
+        )
 
 
 # -- reads: plain functions on an engine, used by the store's owner, the API and the CLI --

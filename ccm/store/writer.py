@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import OperationalError, StatementError
 
 from ccm.errors import StoreBacklogFull
+from ccm.store.statements import statements_for
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +32,17 @@ WriteFn = Callable[[Connection], None]
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """One queued write: a label for logs and a function that runs it on a connection."""
+    """One queued write: a kind (whose prepared statements run with `params`, see
+    `ccm.store.statements`), or a custom `apply` function run on the connection.
+
+    `key` names the row the write touches; consecutive writes of one kind are sent together
+    (executemany) as long as no key repeats within the group.
+    """
 
     kind: str
-    apply: WriteFn
+    apply: WriteFn | None = None
+    params: dict[str, Any] | None = None
+    key: str | None = None
 
 
 @dataclass(slots=True)
@@ -93,7 +103,12 @@ class StoreWriter:
         """Apply everything queued, then stop. Returns False if the queue could not be drained."""
         thread = self._thread
         if thread is None:
-            return True
+            # Never started: apply the queue here, so stop() keeps its promise either way.
+            with contextlib.suppress(OperationalError):  # logged by _mark_degraded; reported below
+                self._drain_inline()
+            if self._queue:
+                logger.error("store writer stopped with %d writes not applied", len(self._queue))
+            return not self._queue
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -196,7 +211,11 @@ class StoreWriter:
             batch: list[Write | _Barrier] = []
             while self._queue and len(batch) < self._batch_size:
                 batch.append(self._queue.popleft())
-            self._apply_until_done(batch, retry=False)
+            try:
+                self._apply_until_done(batch, retry=False)
+            except OperationalError:
+                self._queue.extendleft(reversed(batch))  # keep them queued, not lost
+                raise
 
     def _apply_until_done(self, batch: list[Write | _Barrier], *, retry: bool = True) -> bool:
         writes = [item for item in batch if isinstance(item, Write)]
@@ -217,8 +236,10 @@ class StoreWriter:
                     if time.monotonic() > deadline:
                         return False
                 time.sleep(self._retry_interval)
-            except DBAPIError as exc:
-                # Not transient: one write is bad. Apply them one by one and drop only the bad one.
+            except StatementError as exc:
+                # Not transient: one write is bad (refused by the database, or a value that cannot
+                # be bound, which SQLAlchemy raises before the DBAPI is called). Apply them one by
+                # one and drop only the bad one.
                 logger.error("batch of %d writes failed (%s); retrying singly", len(writes), exc)
                 self._commit_singly(writes)
                 break
@@ -234,17 +255,36 @@ class StoreWriter:
 
     def _commit(self, writes: list[Write]) -> None:
         with self._engine.begin() as conn:
-            for write in writes:
-                write.apply(conn)
+            statements = statements_for(conn.dialect.name)
+            i = 0
+            while i < len(writes):
+                write = writes[i]
+                if write.apply is not None:
+                    write.apply(conn)
+                    i += 1
+                    continue
+                # Group consecutive writes of the same kind into one executemany per statement.
+                keys = {write.key}
+                j = i + 1
+                while (
+                    j < len(writes)
+                    and writes[j].kind == write.kind
+                    and writes[j].apply is None
+                    and writes[j].key not in keys
+                ):
+                    keys.add(writes[j].key)
+                    j += 1
+                params = [w.params or {} for w in writes[i:j]]
+                for statement in statements[write.kind]:
+                    conn.execute(statement, params if len(params) > 1 else params[0])
+                i = j
         self._committed += len(writes)
 
     def _commit_singly(self, writes: list[Write]) -> None:
         for write in writes:
             try:
-                with self._engine.begin() as conn:
-                    write.apply(conn)
-                self._committed += 1
-            except DBAPIError as exc:
+                self._commit([write])
+            except StatementError as exc:
                 self._failed += 1
                 logger.error("dropped write %s: %s", write.kind, exc)
 

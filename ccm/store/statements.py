@@ -1,0 +1,144 @@
+"""The write statements, built once per dialect with bound parameters.
+
+Building a SQLAlchemy statement per event costs far more than running it, so every write kind is
+a fixed tuple of statements and each event only carries its parameters. All of them are
+idempotent: upserts, inserts that ignore an existing key, and updates guarded by state, so a
+batch retried after a database outage applies nothing twice.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from sqlalchemy import Executable, and_, bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ccm.store.models import LIVE_STATES, clients, connections, server_runs, sessions
+
+_LIVE = [s.value for s in LIVE_STATES]
+
+
+def _insert(dialect: str, table):  # type: ignore[no-untyped-def]
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database dialect {dialect}")
+
+
+def _p(name: str):  # type: ignore[no-untyped-def]
+    # Parameter names are prefixed: names equal to column names are reserved in INSERT/UPDATE.
+    return bindparam(f"p_{name}")
+
+
+@cache
+def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
+    """Write kind -> the statements it runs, in order, for one dialect."""
+    client_upsert = _insert(dialect, clients).values(
+        client_id=_p("client_id"),
+        client_type=_p("client_type"),
+        platform=_p("platform"),
+        metadata=_p("metadata"),
+        system_info=_p("system_info"),
+        first_seen_at=_p("at"),
+        last_seen_at=_p("at"),
+        online=True,
+        current_connection_id=_p("connection_id"),
+    )
+    client_upsert = client_upsert.on_conflict_do_update(
+        index_elements=[clients.c.client_id],
+        set_={
+            "client_type": client_upsert.excluded.client_type,
+            "platform": client_upsert.excluded.platform,
+            "metadata": client_upsert.excluded.metadata,
+            "system_info": client_upsert.excluded.system_info,
+            "last_seen_at": client_upsert.excluded.last_seen_at,
+            "online": True,
+            "current_connection_id": client_upsert.excluded.current_connection_id,
+        },
+    )
+    connection_insert = (
+        _insert(dialect, connections)
+        .values(
+            connection_id=_p("connection_id"),
+            client_id=_p("client_id"),
+            client_type=_p("client_type"),
+            connected_at=_p("at"),
+            remote_address=_p("remote_address"),
+            server_run_id=_p("server_run_id"),
+        )
+        .on_conflict_do_nothing(index_elements=[connections.c.connection_id])
+    )
+    connection_close = (
+        update(connections)
+        .where(
+            and_(
+                connections.c.connection_id == _p("connection_id"),
+                connections.c.disconnected_at.is_(None),
+            )
+        )
+        .values(disconnected_at=_p("at"), disconnect_reason=_p("reason"))
+    )
+    client_offline = (
+        update(clients)
+        .where(
+            and_(
+                clients.c.client_id == _p("client_id"),
+                clients.c.current_connection_id == _p("connection_id"),
+            )
+        )
+        .values(online=False, last_seen_at=_p("at"), current_connection_id=None)
+    )
+    client_system_info = (
+        update(clients)
+        .where(clients.c.client_id == _p("client_id"))
+        .values(system_info=_p("system_info"))
+    )
+    session_insert = (
+        _insert(dialect, sessions)
+        .values(
+            id=_p("id"),
+            session_id=_p("session_id"),
+            task_name=_p("task_name"),
+            request=_p("request"),
+            origin=_p("origin"),
+            constellation_id=_p("constellation_id"),
+            device_id=_p("device_id"),
+            mode=_p("mode"),
+            state=_p("state"),
+            created_at=_p("at"),
+            started_at=_p("started_at"),
+            server_run_id=_p("server_run_id"),
+        )
+        .on_conflict_do_nothing(index_elements=[sessions.c.id])
+    )
+    session_start = (
+        update(sessions)
+        .where(and_(sessions.c.id == _p("id"), sessions.c.state == "pending"))
+        .values(state="running", started_at=_p("at"))
+    )
+    session_end = (
+        update(sessions)
+        .where(and_(sessions.c.id == _p("id"), sessions.c.state.in_(_LIVE)))
+        .values(
+            state=_p("state"),
+            reason=_p("reason"),
+            result=_p("result"),
+            error=_p("error"),
+            ended_at=_p("at"),
+        )
+    )
+    run_stop = (
+        update(server_runs)
+        .where(server_runs.c.run_id == _p("run_id"))
+        .values(stopped_at=_p("at"))
+    )
+    return {
+        "connect": (client_upsert, connection_insert),
+        "disconnect": (connection_close, client_offline),
+        "system_info": (client_system_info,),
+        "session_created": (session_insert,),
+        "session_started": (session_start,),
+        "session_ended": (session_end,),
+        "run_stopped": (run_stop,),
+    }
