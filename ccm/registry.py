@@ -156,12 +156,12 @@ class ClientConnectionManager:
             task_protocol=task_protocol,
             client_id=client_id,
             connection_id=str(uuid.uuid4()),
-            epoch=next(_epochs),
             remote_address=remote_address,
             reported_system_info=copy.deepcopy(reported) if reported is not None else None,
             last_heartbeat_at=now,
         )
         with self.lock:
+            info.epoch = next(_epochs)  # under the lock: epochs follow registration order
             old = self.online_clients.get(client_id)
             if old is not None:
                 if self.duplicate_policy is DuplicatePolicy.REJECT:
@@ -261,7 +261,9 @@ class ClientConnectionManager:
     def add_constellation_session(self, client_id: str, session_id: str) -> None:
         with self.lock:
             self._constellation_sessions.setdefault(client_id, {})[session_id] = None
-            self._session_parties.setdefault(session_id, []).append(("c", client_id))
+            parties = self._session_parties.setdefault(session_id, [])
+            if ("c", client_id) not in parties:  # the mapping is a set; keep parties in step
+                parties.append(("c", client_id))
 
     def get_constellation_sessions(self, client_id: str) -> list[str]:
         with self.lock:
@@ -277,7 +279,9 @@ class ClientConnectionManager:
     def add_device_session(self, device_id: str, session_id: str) -> None:
         with self.lock:
             self._device_sessions.setdefault(device_id, {})[session_id] = None
-            self._session_parties.setdefault(session_id, []).append(("d", device_id))
+            parties = self._session_parties.setdefault(session_id, [])
+            if ("d", device_id) not in parties:  # the mapping is a set; keep parties in step
+                parties.append(("d", device_id))
 
     def get_device_sessions(self, device_id: str) -> list[str]:
         with self.lock:
@@ -349,9 +353,11 @@ class ClientConnectionManager:
                 info = self.online_clients[device_id]
                 merged = self._system_info_for(device_id, info.reported_system_info)
                 if merged != info.system_info:
-                    self._unindex(info)
+                    # Only the system-info indexes change; re-indexing the type pool would move
+                    # the id to the end (breaking registration order) while we iterate over it.
+                    self._unindex_system_info(info)
                     info.system_info = merged
-                    self._index(info)
+                    self._index_system_info(info)
                     changed.append(info)
         if self._store is not None:
             for info in changed:
@@ -468,6 +474,9 @@ class ClientConnectionManager:
         self._devices_by_platform.setdefault((info.platform or "").lower(), {})[
             info.client_id
         ] = None
+        self._index_system_info(info)
+
+    def _index_system_info(self, info: ClientInfo) -> None:
         for feature in _features(info):
             self._devices_by_feature.setdefault(feature, {})[info.client_id] = None
         for tag in _tags(info):
@@ -478,6 +487,9 @@ class ClientConnectionManager:
         if info.client_type is not ClientType.DEVICE:
             return
         _discard(self._devices_by_platform, (info.platform or "").lower(), info.client_id)
+        self._unindex_system_info(info)
+
+    def _unindex_system_info(self, info: ClientInfo) -> None:
         for feature in _features(info):
             _discard(self._devices_by_feature, feature, info.client_id)
         for tag in _tags(info):
