@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,7 +35,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -61,6 +61,13 @@ def _engine(settings: Settings) -> Engine:
     )
     migrate.ensure_schema(engine)
     return engine
+
+
+def _duration(option: str, value: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise CcmError(f"cannot read {option} {value!r}: use a duration like 30m, 24h, 7d") from None
 
 
 def _when(value: str | None) -> datetime | None:
@@ -110,6 +117,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
 ) -> None:
     """Run the server: AIP WebSocket at /ws, HTTP API at /api, OpenAPI docs at /docs."""
+    from ccm.devices import DeviceConfigs
     from ccm.logs import configure_logging
     from ccm.server.app import create_app
     from ccm.server.auth import API_KEY_FILE, resolve_api_key
@@ -119,6 +127,8 @@ def serve(
         {"server.host": host, "server.port": port, "server.api_key": api_key}
     )
     configure_logging(log_level)
+    DeviceConfigs(settings.device_config)  # a missing or malformed file: one clear line, no trace
+    _engine(settings).dispose()  # SQLite: migrated now; Postgres: refuse an outdated schema
     key, generated = resolve_api_key(settings)
     where = settings.data_dir / API_KEY_FILE
     base = f"{settings.server.host}:{settings.server.port}"
@@ -213,10 +223,12 @@ def cleanup(
     engine = _engine(settings)
     now = utcnow()
     sessions_cut = now - (
-        parse_duration(finished_before) if finished_before else settings.cleanup.finished_before
+        _duration("--finished-before", finished_before)
+        if finished_before
+        else settings.cleanup.finished_before
     )
     connections_cut = now - (
-        parse_duration(connections_before)
+        _duration("--connections-before", connections_before)
         if connections_before
         else settings.cleanup.connections_retention
     )
@@ -366,6 +378,106 @@ def audit_sessions(
             for r in rows
         ],
     )
+
+
+# -- demo clients ------------------------------------------------------------------------------
+
+DemoUrlOpt = Annotated[str, typer.Option("--url", help="The server's WebSocket URL.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="CCM_SERVER_API_KEY", help="The server's API key (sent as ?token=)."
+    ),
+]
+
+
+@app.command("demo-device")
+def demo_device(
+    url: DemoUrlOpt = "ws://127.0.0.1:5000/ws",
+    token: TokenOpt = None,
+    client_id: Annotated[str, typer.Option("--id", help="Device id to register.")] = "demo-device",
+    platform: Annotated[str, typer.Option(help="Platform reported at registration.")] = "linux",
+    mode: Annotated[
+        str, typer.Option(help="agent: ccm sends tool calls; relay: this device runs the task.")
+    ] = "agent",
+    features: Annotated[
+        str | None, typer.Option(help="Comma-separated supported_features to report.")
+    ] = None,
+    heartbeat: Annotated[str, typer.Option(help="Heartbeat interval (e.g. 30s).")] = "30s",
+    max_retries: Annotated[int, typer.Option(min=0, help="Reconnection attempts.")] = 5,
+) -> None:
+    """Run a demo device with the tools list_tools, echo, add, sleep and fail, until Ctrl-C."""
+    import asyncio
+
+    from ccm.demo import DEFAULT_FEATURES, DemoMode, run_device, ws_url
+
+    if mode not in {m.value for m in DemoMode}:
+        raise CcmError(f"--mode must be 'agent' or 'relay', got {mode!r}")
+    names = [f.strip() for f in (features or "").split(",") if f.strip()]
+    try:
+        asyncio.run(
+            run_device(
+                ws_url(url, token),
+                client_id,
+                platform=platform,
+                mode=DemoMode(mode),
+                features=names or DEFAULT_FEATURES,
+                heartbeat=_duration("--heartbeat", heartbeat).total_seconds(),
+                max_retries=max_retries,
+                on_event=lambda line: out.print(
+                    f"{datetime.now():%H:%M:%S} {line}", markup=False, highlight=False
+                ),
+            )
+        )
+    except KeyboardInterrupt:
+        out.print("stopped", highlight=False)
+
+
+@app.command("demo-constellation")
+def demo_constellation(
+    request: Annotated[str, typer.Option(help="The task: natural language or a JSON tool plan.")],
+    url: DemoUrlOpt = "ws://127.0.0.1:5000/ws",
+    token: TokenOpt = None,
+    name: Annotated[
+        str, typer.Option("--id", help="Constellation name; it connects as <id>@<target>.")
+    ] = "demo-constellation",
+    target: Annotated[str, typer.Option(help="Device that runs the task.")] = "demo-device",
+    task_name: Annotated[str, typer.Option(help="Label of the session.")] = "demo",
+    session_id: Annotated[
+        str | None, typer.Option(help="Session id (default <id>@<8 hex digits>).")
+    ] = None,
+    timeout: Annotated[str, typer.Option(help="How long to wait for task_end.")] = "60s",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the task_end frame as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Send one task to a device through the server and wait for its outcome (exit 1 unless
+    it completed)."""
+    import asyncio
+
+    from ccm.demo import describe_task_end, run_constellation, ws_url
+
+    events = err if as_json else out
+    frame = asyncio.run(
+        run_constellation(
+            ws_url(url, token),
+            name,
+            target,
+            request,
+            task_name=task_name,
+            session_id=session_id,
+            timeout=_duration("--timeout", timeout).total_seconds(),
+            on_event=lambda line: events.print(line, markup=False, highlight=False),
+        )
+    )
+    events.print(describe_task_end(frame), markup=False, highlight=False)
+    if as_json:
+        _print_json(frame)
+    if frame.get("status") != "completed":
+        raise CcmError(
+            f"the task did not complete: {frame.get('error') or 'no error text'}; "
+            f"the device's terminal shows what it ran"
+        )
 
 
 def main() -> None:
