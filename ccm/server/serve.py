@@ -7,12 +7,14 @@ import contextlib
 import logging
 import signal
 import socket
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from ccm.config import Settings
 from ccm.errors import CcmError
+from ccm.server.auth import RedactTokens
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,22 @@ class CcmServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
+        # uvicorn logs each WebSocket path with its query string, `?token=<key>` included. A
+        # filter on the loggers themselves redacts the record before any handler sees it (a
+        # handler filter, as in configure_logging, protects only that handler).
+        for name in ("uvicorn.error", "uvicorn.access"):
+            log = logging.getLogger(name)
+            if not any(isinstance(f, RedactTokens) for f in log.filters):
+                log.addFilter(RedactTokens())
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal after its graceful shutdown, so SIGTERM would end
+        # the process as killed by the signal (status -15); a stop we completed exits with 0.
+        if sig == signal.SIGTERM:
+            captured = getattr(self, "_captured_signals", None)  # private in uvicorn >= 0.29
+            if isinstance(captured, list) and sig in captured:
+                captured.remove(sig)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

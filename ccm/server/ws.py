@@ -131,7 +131,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         reason = "heartbeat_timeout"
         peer.kick(reason)
     except _Closed as closed:
-        reason = "closed" if closed.code in (None, 1000, 1001) else "connection_lost"
+        # uvicorn enforces ws_max_size itself and reports its 1009 close as a disconnect.
+        reason = (
+            "closed"
+            if closed.code in (None, 1000, 1001)
+            else "frame_too_large"
+            if closed.code == CLOSE_TOO_BIG
+            else "connection_lost"
+        )
     except (RuntimeError, OSError):
         # Receiving after the server closed the socket (kick) or a broken transport.
         reason = "connection_lost"
