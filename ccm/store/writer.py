@@ -220,7 +220,7 @@ class StoreWriter:
     def _apply_until_done(self, batch: list[Write | _Barrier], *, retry: bool = True) -> bool:
         writes = [item for item in batch if isinstance(item, Write)]
         deadline: float | None = None
-        while True:
+        while writes:  # a batch of only flush markers needs no transaction
             try:
                 started = time.perf_counter()
                 self._commit(writes)
@@ -246,8 +246,9 @@ class StoreWriter:
         if self._degraded:
             logger.warning("database writes recovered after: %s", self._last_error)
         self._degraded = False
-        self._batches += 1
-        self._last_batch = len(writes)
+        if writes:
+            self._batches += 1
+            self._last_batch = len(writes)
         for item in batch:
             if isinstance(item, _Barrier) and not item.future.done():
                 item.future.set_result(None)
