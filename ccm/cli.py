@@ -67,7 +67,9 @@ def _duration(option: str, value: str) -> timedelta:
     try:
         return parse_duration(value)
     except ValueError:
-        raise CcmError(f"cannot read {option} {value!r}: use a duration like 30m, 24h, 7d") from None
+        raise CcmError(
+            f"cannot read {option} {value!r}: use a duration like 30m, 24h, 7d"
+        ) from None
 
 
 def _when(value: str | None) -> datetime | None:
@@ -383,6 +385,13 @@ def audit_sessions(
 # -- demo clients ------------------------------------------------------------------------------
 
 DemoUrlOpt = Annotated[str, typer.Option("--url", help="The server's WebSocket URL.")]
+
+
+def _say(console: Console, line: str) -> None:
+    """A demo client's progress line, printed as is (it may hold JSON with brackets)."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 TokenOpt = Annotated[
     str | None,
     typer.Option(
@@ -424,9 +433,7 @@ def demo_device(
                 features=names or DEFAULT_FEATURES,
                 heartbeat=_duration("--heartbeat", heartbeat).total_seconds(),
                 max_retries=max_retries,
-                on_event=lambda line: out.print(
-                    f"{datetime.now():%H:%M:%S} {line}", markup=False, highlight=False
-                ),
+                on_event=lambda line: _say(out, f"{datetime.now():%H:%M:%S} {line}"),
             )
         )
     except KeyboardInterrupt:
@@ -458,25 +465,28 @@ def demo_constellation(
     from ccm.demo import describe_task_end, run_constellation, ws_url
 
     events = err if as_json else out
-    frame = asyncio.run(
-        run_constellation(
-            ws_url(url, token),
-            name,
-            target,
-            request,
-            task_name=task_name,
-            session_id=session_id,
-            timeout=_duration("--timeout", timeout).total_seconds(),
-            on_event=lambda line: events.print(line, markup=False, highlight=False),
+    try:
+        frame = asyncio.run(
+            run_constellation(
+                ws_url(url, token),
+                name,
+                target,
+                request,
+                task_name=task_name,
+                session_id=session_id,
+                task_timeout=_duration("--timeout", timeout).total_seconds(),
+                on_event=lambda line: _say(events, line),
+            )
         )
-    )
-    events.print(describe_task_end(frame), markup=False, highlight=False)
+    except KeyboardInterrupt:
+        raise CcmError("interrupted: the server cancels the session when we leave") from None
+    _say(events, describe_task_end(frame))
     if as_json:
         _print_json(frame)
     if frame.get("status") != "completed":
         raise CcmError(
-            f"the task did not complete: {frame.get('error') or 'no error text'}; "
-            f"the device's terminal shows what it ran"
+            f"session {frame.get('session_id')} ended {frame.get('status')}: the error above says "
+            "why, and the device's terminal shows each command it ran"
         )
 
 
