@@ -116,7 +116,12 @@ def serve(
     ] = None,
     config: ConfigOpt = None,
     database_url: UrlOpt = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR (default: settings).")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text or json (default: settings).")
+    ] = None,
 ) -> None:
     """Run the server: AIP WebSocket at /ws, HTTP API at /api, OpenAPI docs at /docs."""
     from ccm.devices import DeviceConfigs
@@ -126,9 +131,15 @@ def serve(
     from ccm.server.serve import run_server
 
     settings = _settings(config, database_url).with_overrides(
-        {"server.host": host, "server.port": port, "server.api_key": api_key}
+        {
+            "server.host": host,
+            "server.port": port,
+            "server.api_key": api_key,
+            "logging.level": log_level,
+            "logging.format": log_format,
+        }
     )
-    configure_logging(log_level)
+    configure_logging(settings.logging.level, settings.logging.format)
     DeviceConfigs(settings.device_config)  # a missing or malformed file: one clear line, no trace
     _engine(settings).dispose()  # SQLite: migrated now; Postgres: refuse an outdated schema
     key, generated = resolve_api_key(settings)

@@ -101,6 +101,20 @@ class ServerSettings(_Section):
     """`package.module:factory` building a runner for natural-language tasks (an LLM agent)."""
 
 
+class MetricsSettings(_Section):
+    enabled: bool = True
+    require_api_key: bool = True
+    """`/metrics` needs `X-API-Key` (or `Authorization: Bearer <key>`) like the API."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Also serve metrics without a key on this port (bound to `metrics.host`)."""
+    host: str = "127.0.0.1"
+
+
+class LoggingSettings(_Section):
+    level: str = "INFO"
+    format: str = Field(default="text", pattern="^(text|json)$")
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     device_config: Path | None = None
@@ -109,6 +123,8 @@ class Settings(_Section):
     writer: WriterSettings = WriterSettings()
     cleanup: CleanupSettings = CleanupSettings()
     server: ServerSettings = ServerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     @property
     def database_url(self) -> str:

@@ -96,10 +96,12 @@ class ClientMessage(BaseModel):
 class FrameError(Exception):
     """A frame could not be read. `close_code` is the WebSocket code to use if we must close."""
 
-    def __init__(self, reason: str, close_code: int) -> None:
+    def __init__(self, reason: str, close_code: int, kind: str = "invalid_message") -> None:
         super().__init__(reason)
         self.reason = reason
         self.close_code = close_code
+        self.kind = kind
+        """Short label for metrics: malformed_json, invalid_message, binary_frame, too_large."""
 
 
 CLOSE_NORMAL = 1000
@@ -117,7 +119,9 @@ def decode_client_message(text: str) -> ClientMessage:
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise FrameError(f"frame is not valid JSON: {exc}", CLOSE_INVALID_PAYLOAD) from None
+        raise FrameError(
+            f"frame is not valid JSON: {exc}", CLOSE_INVALID_PAYLOAD, "malformed_json"
+        ) from None
     if not isinstance(data, dict):
         raise FrameError("frame must be one JSON object", CLOSE_INVALID_PAYLOAD)
     try:

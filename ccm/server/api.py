@@ -6,16 +6,16 @@ history comes from SQL, queried in a worker thread so the event loop never waits
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, BaseModel
 
 from ccm.errors import ConfigError, SessionError, StoreBacklogFull
 from ccm.protocol import is_valid_task_name
-from ccm.server.auth import require_api_key
+from ccm.server.auth import keys_match, require_api_key
 from ccm.server.deps import HubDep, RegistryDep, StoreDep
 from ccm.sessions import Origin
 from ccm.store.models import FINISHED_STATES, SessionState
@@ -33,6 +33,25 @@ Offset = Annotated[int, Query(ge=0)]
 def healthz() -> dict[str, str]:
     """Liveness only: no authentication, no data."""
     return {"status": "ok"}
+
+
+@public.get("/metrics", tags=["health"])
+def metrics(request: Request) -> Response:
+    """Prometheus text format. Needs the key (`X-API-Key` or `Authorization: Bearer <key>`)
+    unless `metrics.require_api_key` is false; `metrics.port` serves it on a separate bind."""
+    settings = request.app.state.settings
+    if not settings.metrics.enabled:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Metrics are disabled")
+    if settings.metrics.require_api_key:
+        given = request.headers.get("x-api-key")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if given is None and scheme.lower() == "bearer":
+            given = token.strip()
+        if not keys_match(given, request.app.state.api_key):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or missing API key")
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
 
 
 @protected.get("/health", tags=["health"])
@@ -77,8 +96,8 @@ def clients(registry: RegistryDep) -> dict[str, Any]:
 async def client_connections(
     client_id: str,
     store: StoreDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> dict[str, Any]:
@@ -167,12 +186,13 @@ async def sessions(
     state: Annotated[list[SessionState] | None, Query()] = None,
     device_id: str | None = None,
     constellation_id: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> dict[str, Any]:
-    """Session history from SQL, newest first; `since`/`until` bound the creation time."""
+    """Session history from SQL, newest first; `since`/`until` bound the creation time and
+    must carry a UTC offset (a naive time is 422: it cannot be compared with the UTC columns)."""
     rows = await run_in_threadpool(
         read_sessions,
         store.engine,

@@ -15,12 +15,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import start_http_server
 
 from ccm import __version__
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
 from ccm.errors import CcmError
 from ccm.maintenance import run_cleanup
+from ccm.metrics import Metrics
 from ccm.clock import utcnow
 from ccm.registry import ClientConnectionManager
 from ccm.server.api import router as api_router
@@ -35,7 +37,7 @@ from ccm.store.migrate import ensure_schema
 logger = logging.getLogger(__name__)
 
 
-async def _cleanup_loop(store: Store, settings: Settings) -> None:
+async def _cleanup_loop(store: Store, settings: Settings, metrics: Metrics) -> None:
     """Run the retention job every `cleanup.interval`, in a worker thread."""
     interval = settings.cleanup.interval.total_seconds()
     while True:
@@ -49,6 +51,9 @@ async def _cleanup_loop(store: Store, settings: Settings) -> None:
                 connections_before=now - settings.cleanup.connections_retention,
                 batch_size=settings.cleanup.batch_size,
             )
+            metrics.cleanup_runs.inc()
+            metrics.cleanup_rows.labels("sessions").inc(report.sessions_deleted)
+            metrics.cleanup_rows.labels("connections").inc(report.connections_deleted)
             logger.info(
                 "scheduled cleanup sessions=%d connections=%d",
                 report.sessions_deleted,
@@ -71,6 +76,7 @@ def create_app(
             runners.append(load_runner(settings.server.agent_runner))
     key = api_key or resolve_api_key(settings)[0]
     device_configs = DeviceConfigs(settings.device_config)  # a bad file fails here, at start
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +90,7 @@ def create_app(
                 recovered.sessions_interrupted,
             )
         await asyncio.to_thread(store.record_run_started, version=__version__)
+        store.writer.on_commit = metrics.observe_commit
         store.writer.start()
         registry = ClientConnectionManager(
             store=store,
@@ -91,13 +98,25 @@ def create_app(
             duplicate_policy=settings.duplicate_policy,
         )
         sessions = SessionManager(registry)
-        hub = Hub(settings=settings, registry=registry, sessions=sessions, runners=runners)
+        hub = Hub(
+            settings=settings,
+            registry=registry,
+            sessions=sessions,
+            runners=runners,
+            metrics=metrics,
+        )
+        metrics.watch(registry, store.writer)
+        metrics_server = None
+        if settings.metrics.enabled and settings.metrics.port is not None:
+            metrics_server, _ = start_http_server(
+                settings.metrics.port, settings.metrics.host, registry=metrics.registry
+            )
         app.state.store = store
         app.state.registry = registry
         app.state.sessions = sessions
         app.state.hub = hub
         cleanup_task = (
-            asyncio.create_task(_cleanup_loop(store, settings), name="ccm-cleanup")
+            asyncio.create_task(_cleanup_loop(store, settings, metrics), name="ccm-cleanup")
             if settings.cleanup.enabled
             else None
         )
@@ -110,6 +129,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await cleanup_task
             await hub.shutdown()
+            if metrics_server is not None:
+                metrics_server.shutdown()
             store.record_run_stopped()
             drained = await asyncio.to_thread(store.writer.stop)
             store.engine.dispose()
@@ -123,6 +144,7 @@ def create_app(
     )
     app.state.api_key = key
     app.state.settings = settings
+    app.state.metrics = metrics
     app.include_router(api_router)
     app.add_api_websocket_route("/ws", websocket_endpoint)
 

@@ -14,7 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ccm.clock import utcnow
 from ccm.config import Settings
+from ccm.logs import bind
+from ccm.metrics import Metrics
 from ccm.errors import DuplicateClientError, SessionError, StoreBacklogFull
 from ccm.protocol import (
     CLOSE_GOING_AWAY,
@@ -110,8 +113,10 @@ class Hub:
         registry: ClientConnectionManager,
         sessions: SessionManager,
         runners: list[SessionRunner],
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.registry = registry
         self.sessions = sessions
         self.runners = runners
@@ -161,6 +166,7 @@ class Hub:
             client_type=client_type,
             remote_address=remote_address,
             send_timeout=self.settings.server.send_timeout.total_seconds(),
+            metrics=self.metrics,
             target_id=msg.target_id if client_type is ClientType.CONSTELLATION else None,
         )
         try:
@@ -175,6 +181,8 @@ class Hub:
             )
         except DuplicateClientError as exc:
             raise RegistrationRefused(str(exc)) from None
+        self.metrics.registrations.labels(client_type.value).inc()
+        bind(client_id=client_id, connection_id=info.connection_id)
         peer.epoch = info.epoch
         peer.start()
         peer.send(ok_frame())
@@ -190,6 +198,7 @@ class Hub:
     async def handle(self, peer: Peer, msg: ClientMessage) -> None:
         """Handle one frame of a registered connection (called in frame order)."""
         kind = msg.type
+        self.metrics.frames_in.labels(kind.value).inc()
         if kind is ClientMessageType.HEARTBEAT:
             # Decision D2: a heartbeat grants nothing, so only client_id is checked (Galaxy sends
             # its heartbeats with client_type "device").
@@ -349,6 +358,7 @@ class Hub:
             if requester is not None:
                 self._refuse_task(requester, session_id, str(exc))
             raise
+        self.metrics.sessions_started.labels(session.mode.value, origin.value).inc()
         if not await self._durable():
             await self.finish_session(
                 session, SessionState.FAILED, reason="store_unavailable",
@@ -384,6 +394,7 @@ class Hub:
         return session
 
     async def _run(self, session: LiveSession, runner: SessionRunner) -> None:
+        bind(session_id=session.session_id, device_id=session.device_id)
         info = self.registry.get_client_info(session.device_id)
         channel = SessionChannel(self, session, (info.platform if info else "windows").lower())
         try:
@@ -462,6 +473,10 @@ class Hub:
         )
         if ended is None:
             return None
+        self.metrics.sessions_ended.labels(state.value).inc()
+        if session.started_at is not None:
+            duration = (ended.ended_at - session.started_at).total_seconds()
+            self.metrics.session_duration.labels(session.mode.value).observe(duration)
         task = session.runtime.get("task")
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -480,6 +495,8 @@ class Hub:
             peer = self.peer_of(client_id)
             if peer is not None:
                 peer.send(frame)
+        if session.mode is Mode.RELAY and session.started_at is not None:
+            self.metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
         return ended
 
     async def _durable(self) -> bool:
@@ -501,6 +518,8 @@ class Hub:
         maps emptied, registry entry removed and the connection row closed with `reason`."""
         removed = self.registry.remove_client(peer.client_id, epoch=peer.epoch, reason=reason)
         await peer.stop_sender()
+        if removed is not None or reason == "replaced":
+            self.metrics.disconnects.labels(reason).inc()
         if removed is None:
             return  # replaced by a takeover, or already gone: the new registration keeps its sessions
         if peer.is_constellation:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from starlette.websockets import WebSocket, WebSocketState
 
 from ccm.protocol import CLOSE_POLICY
+from ccm.metrics import Metrics
 from ccm.registry import ClientType
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ class Peer:
     target_id: str | None = None
     epoch: int = 0
     close_reason: str | None = None
+    metrics: Metrics | None = None
     _outbox: asyncio.Queue[str | None] = field(
         default_factory=lambda: asyncio.Queue(maxsize=OUTBOX_SIZE)
     )
     _sender: asyncio.Task[None] | None = None
     _closing: bool = False
+    _closer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._sender = asyncio.create_task(self._send_loop(), name=f"ccm-send-{self.client_id}")
@@ -60,6 +63,9 @@ class Peer:
         except asyncio.QueueFull:
             self.kick("slow_consumer")
             return False
+        if self.metrics is not None:
+            # Frames start with {"type":"<type>", (protocol.server_frame); no JSON parse needed.
+            self.metrics.frames_out.labels(frame[9 : frame.find('"', 9)]).inc()
         return True
 
     def kick(self, reason: str, code: int = CLOSE_POLICY) -> None:
@@ -69,7 +75,7 @@ class Peer:
         self._closing = True
         self.close_reason = reason
         logger.warning("closing connection client_id=%s reason=%s", self.client_id, reason)
-        asyncio.get_running_loop().create_task(self._close(code, reason))
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def flush_and_close(self, code: int, reason: str) -> None:
         """Deliver what is queued (bounded by the send timeout), then close."""

@@ -47,9 +47,10 @@ async def _receive_text(websocket: WebSocket, timeout: float, max_bytes: int) ->
         raise FrameError(
             "binary frames are not supported: send each AIP message as one JSON text frame",
             CLOSE_INVALID_PAYLOAD,
+            "binary_frame",
         )
     if len(text) > max_bytes // 4 and len(text.encode("utf-8")) > max_bytes:
-        raise FrameError(f"frame larger than {max_bytes} bytes", CLOSE_TOO_BIG)
+        raise FrameError(f"frame larger than {max_bytes} bytes", CLOSE_TOO_BIG, "frame_too_large")
     return text
 
 
@@ -71,6 +72,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if not keys_match(websocket.query_params.get("token"), websocket.app.state.api_key):
         # Closing before accept makes uvicorn answer the upgrade with HTTP 403 (6.1).
         logger.warning("refused websocket: invalid or missing token remote=%s", _remote(websocket))
+        hub.metrics.registrations_refused.labels("bad_token").inc()
         await websocket.close(code=CLOSE_POLICY, reason="Invalid or missing token")
         return
     await websocket.accept()
@@ -79,6 +81,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         text = await _receive_text(websocket, server.register_timeout.total_seconds(), max_bytes)
         msg = decode_client_message(text)
     except TimeoutError:
+        hub.metrics.registrations_refused.labels("register_timeout").inc()
         await _refuse(
             websocket,
             f"REGISTER expected within {server.register_timeout.total_seconds():g} s",
@@ -86,17 +89,22 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         )
         return
     except FrameError as exc:
+        hub.metrics.protocol_errors.labels(exc.kind).inc()
+        hub.metrics.registrations_refused.labels(exc.kind).inc()
         await _refuse(websocket, exc.reason, exc.close_code)
         return
     except _Closed:
         return
     if msg.type is not ClientMessageType.REGISTER:
+        hub.metrics.protocol_errors.labels("not_register").inc()
+        hub.metrics.registrations_refused.labels("not_register").inc()
         await _refuse(websocket, "the first frame must be a REGISTER message", CLOSE_POLICY)
         return
     try:
         peer = hub.register(websocket, msg, _remote(websocket))
     except RegistrationRefused as exc:
         logger.warning("registration refused client_id=%s: %s", msg.client_id, exc)
+        hub.metrics.registrations_refused.labels("refused").inc()
         await _refuse(websocket, str(exc), CLOSE_POLICY)
         return
 
@@ -109,6 +117,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 text = await _receive_text(websocket, silence_limit, max_bytes)
                 msg = decode_client_message(text)
             except FrameError as exc:
+                hub.metrics.protocol_errors.labels(exc.kind).inc()
                 if exc.close_code == CLOSE_TOO_BIG:
                     reason = "frame_too_large"
                     peer.kick(reason, CLOSE_TOO_BIG)
@@ -126,6 +135,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             except Exception:
                 # One bad frame never ends the connection or touches anyone else.
                 logger.exception("error handling %s client_id=%s", msg.type.value, peer.client_id)
+                hub.metrics.protocol_errors.labels("internal_error").inc()
                 peer.send(error_frame(f"internal error while handling {msg.type.value}"))
     except TimeoutError:
         reason = "heartbeat_timeout"

@@ -89,6 +89,8 @@ class StoreWriter:
         self._last_error: str | None = None
         self._last_batch = 0
         self._last_commit = 0.0
+        self.on_commit: Callable[[int, float], None] | None = None
+        """Called from the writer thread after each committed batch: (writes, seconds)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -249,6 +251,8 @@ class StoreWriter:
         if writes:
             self._batches += 1
             self._last_batch = len(writes)
+            if self.on_commit is not None:
+                self.on_commit(len(writes), self._last_commit)
         for item in batch:
             if isinstance(item, _Barrier) and not item.future.done():
                 item.future.set_result(None)

@@ -1,0 +1,135 @@
+"""Prometheus metrics, one registry per app (no import-time globals).
+
+Counters and histograms are updated where things happen (hub, peers, writer, cleanup). Values
+that already live somewhere (clients online, the writer's queue depth) are read at scrape time by
+a collector instead of being mirrored, so they can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ccm.registry import ClientConnectionManager
+    from ccm.store.writer import StoreWriter
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class _LiveCollector(Collector):
+    """Gauges read from the registry and the store writer when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        registry: Callable[[], ClientConnectionManager | None],
+        writer: Callable[[], StoreWriter | None],
+    ) -> None:
+        self._registry = registry
+        self._writer = writer
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self._registry()
+        clients = GaugeMetricFamily(
+            "ccm_connected_clients",
+            "Clients connected now, by type and platform.",
+            labels=["type", "platform"],
+        )
+        sessions = GaugeMetricFamily("ccm_live_sessions", "Sessions running now.")
+        if registry is not None:
+            counts: dict[tuple[str, str], int] = {}
+            for client_id in registry.list_clients():
+                info = registry.get_client_info(client_id)
+                if info is not None:
+                    key = (info.client_type.value, (info.platform or "").lower())
+                    counts[key] = counts.get(key, 0) + 1
+            for (kind, platform), n in sorted(counts.items()):
+                clients.add_metric([kind, platform], n)
+            sessions.add_metric([], registry.session_count())
+        yield clients
+        yield sessions
+        writer = self._writer()
+        if writer is not None:
+            stats = writer.stats()
+            depth = GaugeMetricFamily("ccm_store_queue_depth", "Writes waiting for the database.")
+            depth.add_metric([], stats.queue_depth)
+            yield depth
+            degraded = GaugeMetricFamily(
+                "ccm_store_degraded", "1 while the database is not taking writes."
+            )
+            degraded.add_metric([], 1 if stats.degraded else 0)
+            yield degraded
+
+
+class Metrics:
+    """Every metric ccm exports, registered on its own CollectorRegistry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.registrations = Counter(
+            "ccm_registrations", "Accepted registrations.", ["type"], registry=r
+        )
+        self.registrations_refused = Counter(
+            "ccm_registrations_refused", "Refused registrations.", ["reason"], registry=r
+        )
+        self.disconnects = Counter(
+            "ccm_disconnects", "Registered connections that ended, by reason.", ["reason"], registry=r
+        )
+        self.sessions_started = Counter(
+            "ccm_sessions_started", "Sessions started.", ["mode", "origin"], registry=r
+        )
+        self.sessions_ended = Counter(
+            "ccm_sessions_ended", "Sessions ended, by final state.", ["state"], registry=r
+        )
+        self.session_duration = Histogram(
+            "ccm_session_duration_seconds",
+            "Time from session start to its end.",
+            ["mode"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.relay_latency = Histogram(
+            "ccm_relay_latency_seconds",
+            "Relay sessions: from the requester's TASK to the TASK_END sent back.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.frames_in = Counter("ccm_frames_in", "Frames received, by type.", ["type"], registry=r)
+        self.frames_out = Counter("ccm_frames_out", "Frames sent, by type.", ["type"], registry=r)
+        self.protocol_errors = Counter(
+            "ccm_protocol_errors", "Bad input from clients, by kind.", ["kind"], registry=r
+        )
+        self.store_batch_size = Histogram(
+            "ccm_store_batch_size",
+            "Writes per committed transaction.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
+        self.store_commit_seconds = Histogram(
+            "ccm_store_commit_seconds",
+            "Time to apply and commit one batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cleanup_runs = Counter("ccm_cleanup_runs", "Cleanup job runs.", registry=r)
+        self.cleanup_rows = Counter(
+            "ccm_cleanup_rows_deleted", "Rows deleted by cleanup.", ["table"], registry=r
+        )
+        self._live_registry: ClientConnectionManager | None = None
+        self._live_writer: StoreWriter | None = None
+        r.register(_LiveCollector(lambda: self._live_registry, lambda: self._live_writer))
+
+    def watch(self, registry: ClientConnectionManager, writer: StoreWriter | None) -> None:
+        """Point the scrape-time gauges at the running registry and writer."""
+        self._live_registry = registry
+        self._live_writer = writer
+
+    def observe_commit(self, batch_size: int, seconds: float) -> None:
+        self.store_batch_size.observe(batch_size)
+        self.store_commit_seconds.observe(seconds)
