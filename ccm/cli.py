@@ -393,6 +393,72 @@ def audit_sessions(
     )
 
 
+# -- status ------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    url: Annotated[
+        str | None, typer.Option(help="Server base URL (default: from settings host/port).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="API key (default: settings, then <data_dir>/api_key).")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A one-screen summary of a running server, from its HTTP API."""
+    import httpx
+
+    from ccm.server.auth import API_KEY_FILE
+
+    settings = _settings(config)
+    base = url or f"http://{settings.server.host}:{settings.server.port}"
+    key = api_key or settings.server.api_key
+    key_file = settings.data_dir / API_KEY_FILE
+    if key is None and key_file.is_file():
+        key = key_file.read_text(encoding="utf-8").strip()
+    if not key:
+        raise CcmError(f"no API key: pass --api-key, set CCM_SERVER_API_KEY, or create {key_file}")
+    try:
+        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=10) as http:
+            answers = {name: http.get(f"/api/{name}") for name in ("health", "stats", "clients")}
+    except httpx.HTTPError as exc:
+        raise CcmError(f"cannot reach {base}: {exc}; is `ccm serve` running there?") from None
+    for name, answer in answers.items():
+        if answer.status_code == 401:
+            raise CcmError(f"{base} refused the API key (401); check --api-key or {key_file}")
+        if answer.status_code != 200:
+            raise CcmError(f"{base}/api/{name} answered {answer.status_code}: {answer.text[:200]}")
+    health, stats, clients = (answers[n].json() for n in ("health", "stats", "clients"))
+    if as_json:
+        _print_json({"health": health, "stats": stats, "clients": clients["clients"]})
+        return
+    database = health.get("database", {})
+    colour = "green" if health.get("status") == "healthy" else "yellow"
+    out.print(
+        f"[bold]{base}[/bold]  status [{colour}]{health.get('status')}[/{colour}]  "
+        f"devices {stats['device_clients']}  constellations {stats['constellation_clients']}  "
+        f"live sessions {stats.get('active_sessions', 0)}  "
+        f"write queue {database.get('queue_depth', 0)}",
+        highlight=False,
+    )
+    by_state = stats.get("sessions_by_state") or {}
+    if by_state:
+        out.print(
+            "sessions in history: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())),
+            highlight=False,
+        )
+    _table(
+        "connected clients",
+        ["client_id", "type", "platform", "connected", "last heartbeat"],
+        [
+            [c["client_id"], c["client_type"], c["platform"], c["connected_at"], c["last_heartbeat_at"]]
+            for c in clients["clients"]
+        ],
+    )
+
+
 # -- demo clients ------------------------------------------------------------------------------
 
 DemoUrlOpt = Annotated[str, typer.Option("--url", help="The server's WebSocket URL.")]

@@ -1,0 +1,205 @@
+"""Metrics scraped and parsed with prometheus-client's own parser, structured logs, `ccm status`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from ccm.cli import app
+from ccm.logs import ContextFilter, JsonFormatter, TextFormatter, bound
+from ccm.server.auth import RedactTokens
+from tests.server.support import API_KEY, AipClient, ServerThread
+
+PLAN = json.dumps([{"tool_name": "echo", "parameters": {"x": 1}, "tool_type": "action"}])
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """All samples of a scrape as {(name, sorted labels): value}."""
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def _known_activity(server: ServerThread) -> None:
+    """One device, one constellation, one tool-plan session, one malformed frame, both leave."""
+    device = await AipClient.connect(server.ws_url)
+    await device.register_device("obs-dev", platform="linux")
+    constellation = await AipClient.connect(server.ws_url)
+    await constellation.register_constellation("obs@obs-dev", "obs-dev")
+    await constellation.send(
+        type="task",
+        status="continue",
+        client_type="constellation",
+        client_id="obs@obs-dev",
+        target_id="obs-dev",
+        session_id="obs@1",
+        request=PLAN,
+    )
+    command = await device.recv_type("command")
+    await device.send(
+        type="command_results",
+        status="continue",
+        client_id="obs-dev",
+        session_id="obs@1",
+        prev_response_id=command["response_id"],
+        action_results=[
+            {"status": "success", "result": {"x": 1}, "call_id": command["actions"][0]["call_id"]}
+        ],
+    )
+    await constellation.recv_type("task_end")
+    await device.ws.send("{not json")
+    await device.recv_type("error")
+    await device.close()
+    await constellation.close()
+
+
+class TestMetrics:
+    def test_metrics_count_known_activity(self, server: ServerThread) -> None:
+        """Registrations, sessions, frames, protocol errors and disconnects match what happened."""
+        asyncio.run(_known_activity(server))
+        with server.http() as http:
+            deadline_checks = 50
+            for _ in range(deadline_checks):  # disconnect handling finishes after the close
+                samples = _samples(http.get("/metrics").text)
+                if samples.get(("ccm_disconnects_total", (("reason", "closed"),))) == 2:
+                    break
+                asyncio.run(asyncio.sleep(0.1))
+        assert samples[("ccm_registrations_total", (("type", "device"),))] == 1
+        assert samples[("ccm_registrations_total", (("type", "constellation"),))] == 1
+        assert samples[("ccm_disconnects_total", (("reason", "closed"),))] == 2
+        assert (
+            samples[("ccm_sessions_started_total", (("mode", "agent"), ("origin", "constellation")))]
+            == 1
+        )
+        assert samples[("ccm_sessions_ended_total", (("state", "completed"),))] == 1
+        assert samples[("ccm_session_duration_seconds_count", (("mode", "agent"),))] == 1
+        assert samples[("ccm_frames_in_total", (("type", "task"),))] == 1
+        assert samples[("ccm_frames_in_total", (("type", "command_results"),))] == 1
+        assert samples[("ccm_frames_out_total", (("type", "command"),))] == 1
+        assert samples[("ccm_frames_out_total", (("type", "task_end"),))] == 2
+        assert samples[("ccm_protocol_errors_total", (("kind", "malformed_json"),))] == 1
+        assert samples[("ccm_live_sessions", ())] == 0
+        assert samples[("ccm_store_queue_depth", ())] >= 0
+        assert samples[("ccm_store_batch_size_count", ())] >= 1
+
+    def test_connected_clients_gauge_by_type_and_platform(self, server: ServerThread) -> None:
+        """The connected-clients gauge is read from the registry at scrape time."""
+
+        async def scenario() -> dict[Any, float]:
+            device = await AipClient.connect(server.ws_url)
+            await device.register_device("gauge-dev", platform="Linux")
+            with server.http() as http:
+                samples = _samples(http.get("/metrics").text)
+            await device.close()
+            return samples
+
+        samples = asyncio.run(scenario())
+        key = ("ccm_connected_clients", (("platform", "linux"), ("type", "device")))
+        assert samples[key] == 1
+
+    def test_metrics_need_the_key(self, server: ServerThread) -> None:
+        """/metrics refuses a missing or wrong key and accepts X-API-Key or a Bearer token."""
+        import httpx
+
+        with httpx.Client(base_url=server.http_url, timeout=10) as http:
+            assert http.get("/metrics").status_code == 401
+            assert http.get("/metrics", headers={"X-API-Key": "wrong"}).status_code == 401
+            bearer = http.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+            assert bearer.status_code == 200
+            assert "ccm_registrations_total" in bearer.text
+
+
+class TestLogs:
+    def _render(self, formatter: logging.Formatter, emit: Any) -> str:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+        handler.addFilter(ContextFilter())
+        handler.addFilter(RedactTokens())
+        log = logging.getLogger("ccm.test.logs")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            emit(log)
+        finally:
+            log.removeHandler(handler)
+        return stream.getvalue()
+
+    def test_json_lines_carry_bound_ids(self) -> None:
+        """A JSON log line has the message and the ids bound for the current task."""
+
+        def emit(log: logging.Logger) -> None:
+            with bound(client_id="dev-1", session_id="s@1"):
+                log.info("session ended state=%s", "completed")
+
+        line = json.loads(self._render(JsonFormatter(), emit))
+        assert line["message"] == "session ended state=completed"
+        assert (line["client_id"], line["session_id"], line["level"]) == ("dev-1", "s@1", "INFO")
+
+    def test_bound_ids_do_not_leak_after_the_block(self) -> None:
+        """Fields bound with `bound()` are gone once the block ends."""
+
+        def emit(log: logging.Logger) -> None:
+            with bound(session_id="s@2"):
+                pass
+            log.info("later")
+
+        line = json.loads(self._render(JsonFormatter(), emit))
+        assert "session_id" not in line
+
+    def test_text_lines_redact_tokens(self) -> None:
+        """A WebSocket URL with its token is logged without the key, in text format too."""
+
+        def emit(log: logging.Logger) -> None:
+            log.info('"WebSocket %s" accepted', "/ws?token=super-secret-key")
+
+        text = self._render(TextFormatter(), emit)
+        assert "super-secret-key" not in text
+        assert "token=[redacted]" in text
+
+
+class TestStatus:
+    def test_status_summarises_a_running_server(self, server: ServerThread) -> None:
+        """`ccm status --json` reports health, counts and the connected clients."""
+
+        async def scenario() -> Any:
+            device = await AipClient.connect(server.ws_url)
+            await device.register_device("status-dev")
+            result = await asyncio.to_thread(
+                CliRunner().invoke,
+                app,
+                ["status", "--url", server.http_url, "--api-key", API_KEY, "--json"],
+            )
+            table = await asyncio.to_thread(
+                CliRunner().invoke,
+                app,
+                ["status", "--url", server.http_url, "--api-key", API_KEY],
+                env={"COLUMNS": "200"},
+            )
+            await device.close()
+            return result, table
+
+        result, table = asyncio.run(scenario())
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert data["health"]["status"] == "healthy"
+        assert data["stats"]["device_clients"] == 1
+        assert [c["client_id"] for c in data["clients"]] == ["status-dev"]
+        assert table.exit_code == 0, table.output
+        assert "status-dev" in table.output
+
+    def test_status_with_a_wrong_key_says_what_to_check(self, server: ServerThread) -> None:
+        """A refused key is one clear error, not a traceback."""
+        result = CliRunner().invoke(
+            app, ["status", "--url", server.http_url, "--api-key", "wrong-key"]
+        )
+        assert result.exit_code != 0
+        assert "refused the API key" in str(result.exception)
