@@ -178,16 +178,31 @@ def _validate(data: Mapping[str, Any], *, source: str) -> Settings:
         raise ConfigError(f"invalid configuration in {source}: {problems}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def parse_yaml(text: str, path: Path) -> object:
+    """YAML to Python; a syntax error becomes a ConfigError naming the file and line."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
         raise ConfigError(f"{path}, line {line}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def read_text(path: Path, what: str) -> str:
+    """A config file's text; a missing, unreadable or non-UTF-8 file is a ConfigError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = parse_yaml(read_text(path, "config file"), path)
     if data is None:
         return {}
     if not isinstance(data, dict):

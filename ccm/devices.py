@@ -15,8 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ccm.config import parse_yaml, read_text
 from ccm.errors import ConfigError
 
 JSONDict = dict[str, Any]
@@ -24,12 +23,7 @@ JSONDict = dict[str, Any]
 
 def load_device_configs(path: Path) -> dict[str, JSONDict]:
     """Read a device config file; errors name the file (and the line, for syntax errors)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"device config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read device config file {path}: {exc.strerror}") from None
+    text = read_text(path, "device config file")
     data: object
     if path.suffix.lower() == ".json":
         try:
@@ -37,11 +31,7 @@ def load_device_configs(path: Path) -> dict[str, JSONDict]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}, line {exc.lineno}: {exc.msg}") from None
     else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.MarkedYAMLError as exc:
-            line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
-            raise ConfigError(f"{path}, line {line}: {exc.problem}") from None
+        data = parse_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict):

@@ -25,6 +25,14 @@ from ccm.store.models import (
 from ccm.store.writer import StoreWriter, Write
 
 
+def _row_dict(row: Any) -> dict[str, Any]:
+    """A row as JSON-ready data: times as ISO 8601 strings."""
+    return {
+        name: (value.isoformat() if isinstance(value, datetime) else value)
+        for name, value in ((f, getattr(row, f)) for f in row.__slots__)
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveryReport:
     connections_closed: int
@@ -51,10 +59,7 @@ class SessionRow:
     ended_at: datetime | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            name: (value.isoformat() if isinstance(value, datetime) else value)
-            for name, value in ((f, getattr(self, f)) for f in self.__slots__)
-        }
+        return _row_dict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +74,7 @@ class ConnectionRow:
     server_run_id: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            name: (value.isoformat() if isinstance(value, datetime) else value)
-            for name, value in ((f, getattr(self, f)) for f in self.__slots__)
-        }
+        return _row_dict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +87,7 @@ class ClientRow:
     online: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            name: (value.isoformat() if isinstance(value, datetime) else value)
-            for name, value in ((f, getattr(self, f)) for f in self.__slots__)
-        }
+        return _row_dict(self)
 
 
 class Store:
