@@ -207,9 +207,10 @@ async def sessions(
     return _page([r.as_dict() for r in rows], limit, offset)
 
 
-@protected.get("/sessions/{session_id}", tags=["sessions"])
+@protected.get("/sessions/{session_id:path}", tags=["sessions"])
 async def session(session_id: str, store: StoreDep) -> dict[str, Any]:
-    """The newest run with this session id (a constellation may reuse an id after it ended)."""
+    """The newest run with this session id (a constellation may reuse an id after it ended).
+    Session ids are opaque and may contain `/`, hence the `path` converter."""
     rows = await run_in_threadpool(read_sessions, store.engine, session_id=session_id, limit=1)
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from functools import cache
 
-from sqlalchemy import Executable, and_, bindparam, update
+from sqlalchemy import Executable, and_, bindparam, literal_column, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ccm.store.models import LIVE_STATES, clients, connections, server_runs, sessions
 
-_LIVE = [s.value for s in LIVE_STATES]
+# Inlined as SQL literals: a list of values would become one "expanding" parameter, which
+# executemany() refuses, and every batch with two session ends would fail and go row by row.
+_LIVE = [literal_column(f"'{s.value}'") for s in sorted(LIVE_STATES)]
 
 
 def _insert(dialect: str, table):  # type: ignore[no-untyped-def]
