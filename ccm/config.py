@@ -59,6 +59,10 @@ class _Section(BaseModel):
 
 
 class DatabaseSettings(_Section):
+    enabled: bool = True
+    """False runs ccm without a store: the live registry only, no SQL history (benchmarks,
+    throwaway setups). Nothing is persisted, so there is no durable point to wait for, and the
+    history endpoints answer 503."""
     url: str | None = None
     """SQLAlchemy URL; None means SQLite at `<data_dir>/ccm.db`."""
     sqlite_synchronous: SqliteSynchronous = SqliteSynchronous.NORMAL
@@ -96,6 +100,8 @@ class ServerSettings(_Section):
     allowed_hosts: list[str] = Field(default_factory=list)
     """Extra Host header values accepted when bound to loopback (DNS-rebinding guard)."""
     allow_unscoped_constellations: bool = False
+    max_live_sessions_per_client: int = Field(default=1000, ge=1)
+    """Sessions one client may have running at once (6.13: no unbounded growth per peer)."""
     """Let a constellation that registered without target_id task and query any device."""
     agent_runner: str | None = None
     """`package.module:factory` building a runner for natural-language tasks (an LLM agent)."""

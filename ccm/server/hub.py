@@ -284,6 +284,17 @@ class Hub:
             peer.send(task_end_frame(session_id, completed=False, error=message))
 
     async def _on_task(self, peer: Peer, msg: ClientMessage) -> None:
+        limit = self.settings.server.max_live_sessions_per_client
+        live = (
+            self.registry.count_constellation_sessions(peer.client_id)
+            if peer.is_constellation
+            else self.registry.count_device_sessions(peer.client_id)
+        )
+        if live >= limit:
+            self._refuse_task(
+                peer, msg.session_id, f"too many running sessions ({live}, limit {limit})"
+            )
+            return
         if peer.is_constellation:
             target = msg.target_id
             if not target:
