@@ -156,6 +156,7 @@ class SessionRecord(Base):
         Index("ix_sessions_constellation_id_created_at", "constellation_id", "created_at"),
         Index("ix_sessions_state_ended_at", "state", "ended_at"),
         Index("ix_sessions_task_name_created_at", "task_name", "created_at"),
+        Index("ix_sessions_created_at", "created_at"),
     )
 
 
