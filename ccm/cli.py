@@ -141,7 +141,8 @@ def serve(
     )
     configure_logging(settings.logging.level, settings.logging.format)
     DeviceConfigs(settings.device_config)  # a missing or malformed file: one clear line, no trace
-    _engine(settings).dispose()  # SQLite: migrated now; Postgres: refuse an outdated schema
+    if settings.database.enabled:
+        _engine(settings).dispose()  # SQLite: migrated now; Postgres: refuse an outdated schema
     key, generated = resolve_api_key(settings)
     where = settings.data_dir / API_KEY_FILE
     base = f"{settings.server.host}:{settings.server.port}"

@@ -29,7 +29,7 @@ class StoreUnavailable(CcmError):
     """The database cannot take writes now; the writer keeps them queued (up to its bound)."""
 
 
-class StoreBacklogFull(CcmError):
+class StoreBacklogFull(StoreUnavailable):
     """The writer's queue is at its bound: new durable work (sessions) must be refused."""
 
 

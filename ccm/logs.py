@@ -51,15 +51,25 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _one_line(text: str) -> str:
+    """Client-chosen text (ids, error texts) must not start a new, forged log line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _one_line(super().formatMessage(record))  # the traceback is added after this
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         ctx = getattr(record, "ctx", None)
         if ctx:
-            line += " " + " ".join(f"{k}={v}" for k, v in ctx.items() if f"{k}=" not in line)
+            line += " " + " ".join(
+                f"{k}={_one_line(str(v))}" for k, v in ctx.items() if f"{k}=" not in line
+            )
         return line
 
 

@@ -121,9 +121,20 @@ class Metrics:
         self.cleanup_rows = Counter(
             "ccm_cleanup_rows_deleted", "Rows deleted by cleanup.", ["table"], registry=r
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self._live_registry: ClientConnectionManager | None = None
         self._live_writer: StoreWriter | None = None
         r.register(_LiveCollector(lambda: self._live_registry, lambda: self._live_writer))
+
+    def count(self, counter: Counter, *labels: str) -> None:
+        """`counter.labels(*labels).inc()`, with the labelled child cached: looking it up costs
+        three times the increment, and the hot paths count every frame. Labels are bounded sets
+        (frame types, states), so the cache is too."""
+        key = (id(counter), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc()
 
     def watch(self, registry: ClientConnectionManager, writer: StoreWriter | None) -> None:
         """Point the scrape-time gauges at the running registry and writer."""

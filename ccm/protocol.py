@@ -8,6 +8,7 @@ field, `null` when empty, in UFO's declaration order, as compact JSON.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -114,16 +115,56 @@ CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# Only an escape or a huge exponent in the raw text can produce unstorable values, so most
+# frames never need the walk below.
+_SUSPECT = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|\d[eE]\+?\d{3}")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def has_unstorable_value(data: Any) -> bool:
+    """True if a string (key or value) holds NUL or a lone surrogate, or a number is not finite:
+    PostgreSQL refuses NUL and non-finite numbers in text and JSON, and no database driver (nor
+    a WebSocket send) can encode a lone surrogate. Iterative: nesting depth is the client's."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                return True
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
 def decode_client_message(text: str) -> ClientMessage:
-    """Parse one text frame; FrameError (1007) if it is not a JSON object of the right shape."""
+    """Parse one text frame; FrameError (1007) if it is not a JSON object of the right shape,
+    or holds a value ccm could not store or send back (NUL, lone surrogate, NaN, infinity)."""
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        data = _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
         raise FrameError(
             f"frame is not valid JSON: {exc}", CLOSE_INVALID_PAYLOAD, "malformed_json"
         ) from None
     if not isinstance(data, dict):
         raise FrameError("frame must be one JSON object", CLOSE_INVALID_PAYLOAD)
+    if _SUSPECT.search(text) and has_unstorable_value(data):
+        raise FrameError(
+            "frame contains a NUL character, an unpaired surrogate (\\u0000, \\ud800-\\udfff) "
+            "or a number out of range: such values cannot be stored or sent back",
+            CLOSE_INVALID_PAYLOAD,
+            "invalid_text",
+        )
     try:
         return ClientMessage.model_validate(data)
     except ValidationError as exc:
@@ -143,6 +184,10 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+# One encoder for every frame: json.dumps with options builds a new encoder per call.
+_FRAME_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def server_frame(
     type: ServerMessageType,
     status: TaskStatus,
@@ -160,7 +205,7 @@ def server_frame(
     result: JSONValue = None,
 ) -> str:
     """Encode one ServerMessage with every field present, in UFO's field order."""
-    return json.dumps(
+    return _FRAME_ENCODER.encode(
         {
             "type": type.value,
             "status": status.value,
@@ -176,10 +221,7 @@ def server_frame(
             "timestamp": timestamp(),
             "response_id": response_id or new_id(),
             "result": result,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
+        }
     )
 
 

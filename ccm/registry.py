@@ -143,7 +143,11 @@ class ClientConnectionManager:
         client_type = ClientType(client_type)
         metadata = dict(metadata or {})
         reported = metadata.get("system_info") if client_type is ClientType.DEVICE else None
-        reported = reported if isinstance(reported, dict) else None
+        reported = copy.deepcopy(reported) if isinstance(reported, dict) else None
+        if reported is not None:
+            # One private copy serves as metadata's, the reported and (without operator config)
+            # the live system info: copies per idle connection are memory x 10,000 devices.
+            metadata["system_info"] = reported
         system_info = self._system_info_for(client_id, reported)
         now = self._clock()
         info = ClientInfo(
@@ -158,7 +162,7 @@ class ClientConnectionManager:
             client_id=client_id,
             connection_id=str(uuid.uuid4()),
             remote_address=remote_address,
-            reported_system_info=copy.deepcopy(reported) if reported is not None else None,
+            reported_system_info=reported,
             last_heartbeat_at=now,
         )
         with self.lock:
@@ -384,7 +388,7 @@ class ClientConnectionManager:
         if server_config:
             logger.info("merged server config for device client_id=%s", device_id)
             return merge_device_info(reported, server_config)
-        return copy.deepcopy(reported)
+        return reported  # the registry's own copy; it is replaced, never changed in place
 
     # -- statistics and queries -------------------------------------------------------------
 

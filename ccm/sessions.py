@@ -96,7 +96,8 @@ class SessionManager:
         track_for_device: bool = True,
     ) -> LiveSession:
         """Start a session. A `session_id` that is live already is refused (SessionError), and so
-        is any new session while the store's queue is at its bound (StoreBacklogFull)."""
+        is any new session while the store cannot confirm it: its queue at the bound
+        (StoreBacklogFull) or the database not taking writes (StoreUnavailable)."""
         session_id = session_id or str(uuid.uuid4())
         if len(session_id) > MAX_SESSION_ID_LENGTH:
             raise SessionError(f"session_id is longer than {MAX_SESSION_ID_LENGTH} characters")

@@ -877,3 +877,64 @@ class TestThreadSafety:
         assert all(
             manager.get_device_sessions(d) == [f"s{d[1:]}"] for d in stats["devices"]["ids"]
         )
+
+
+class TestSelectionAtScale:
+    """select_optimal_device on a fleet large enough for every internal path (many candidates,
+    no device with all tags, empty pools), checked against a plain scan of the same rules."""
+
+    @staticmethod
+    def reference(
+        manager: ClientConnectionManager,
+        platform: str | None,
+        caps: list[str],
+        tags: list[str],
+    ) -> str | None:
+        best: tuple[int, int] | None = None
+        answer = None
+        for device_id in manager.list_clients(ClientType.DEVICE):
+            info = manager.get_client_info(device_id)
+            assert info is not None
+            system_info = info.system_info or {}
+            if platform and info.platform.lower() != platform.lower():
+                continue
+            if not all(c in (system_info.get("supported_features") or []) for c in caps):
+                continue
+            score = len(set(tags) & set(system_info.get("tags") or []))
+            key = (-score, info.epoch)
+            if best is None or key < best:
+                best, answer = key, device_id
+        return answer
+
+    def test_matches_a_plain_scan(self, manager: ClientConnectionManager):
+        """Every query shape picks the same device as scanning all devices would."""
+        import random
+
+        rng = random.Random(11)
+        features = ["gui", "cli", "browser", "office", "gpu", "docker", "pdf"]
+        tags = ["lab", "prod", "eu", "us", "gpu"]
+        for i in range(400):
+            manager.add_client(
+                f"d{i:03d}",
+                ["windows", "linux", "darwin"][i % 3],
+                object(),
+                ClientType.DEVICE,
+                {"system_info": {"supported_features": rng.sample(features, rng.randint(0, 4)),
+                                 "tags": rng.sample(tags, rng.randint(0, 2))}},
+            )
+        queries = [
+            (None, [], []),
+            (None, [], ["lab"]),
+            ("linux", [], []),
+            ("linux", ["gui"], ["lab", "eu"]),
+            ("windows", ["gpu", "docker"], ["prod"]),
+            (None, ["office"], ["lab", "prod", "eu", "us", "gpu"]),
+            ("darwin", ["gui", "cli", "browser", "office"], []),
+            ("plan9", [], []),
+            (None, ["no-such-feature"], []),
+            (None, [], ["no-such-tag"]),
+        ]
+        for platform, caps, wanted in queries:
+            assert manager.select_optimal_device(platform, caps, wanted) == self.reference(
+                manager, platform, caps, wanted
+            ), (platform, caps, wanted)

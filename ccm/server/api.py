@@ -11,10 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AwareDatetime, BaseModel
+from pydantic import AwareDatetime, BaseModel, model_validator
 
-from ccm.errors import ConfigError, SessionError, StoreBacklogFull
-from ccm.protocol import is_valid_task_name
+from ccm.errors import ConfigError, SessionError, StoreUnavailable
+from ccm.protocol import has_unstorable_value, is_valid_task_name
 from ccm.server.auth import keys_match, require_api_key
 from ccm.server.deps import HubDep, RegistryDep, StoreDep
 from ccm.sessions import Origin
@@ -23,10 +23,24 @@ from ccm.store.repository import read_connection_history, read_session_counts, r
 
 public = APIRouter()
 router = APIRouter()
-protected = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
 
+
+def refuse_nul(request: Request) -> None:
+    """Ids and filters reach SQL as bound values, and PostgreSQL refuses NUL in text (a 500):
+    refuse it here, with a 400, on both databases alike."""
+    values = [request.scope.get("path", ""), *(v for _, v in request.query_params.multi_items())]
+    if any("\x00" in value for value in values):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "NUL characters are not allowed")
+
+
+protected = APIRouter(
+    prefix="/api", dependencies=[Depends(require_api_key), Depends(refuse_nul)]
+)
+
+MAX_OFFSET = 1_000_000_000
+"""Larger offsets overflow the databases' 64-bit integers (a 500); no history is that long."""
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 
 
 @public.get("/healthz", tags=["health"])
@@ -55,8 +69,11 @@ def metrics(request: Request) -> Response:
 
 
 @protected.get("/health", tags=["health"])
-def health(registry: RegistryDep, store: StoreDep) -> dict[str, Any]:
+def health(registry: RegistryDep, request: Request) -> dict[str, Any]:
     """`healthy`, or `degraded` while the database is not taking writes."""
+    store = request.app.state.store
+    if store is None:  # database.enabled: false
+        return {"status": "healthy", "online_clients": registry.list_clients(), "database": None}
     writer = store.writer.stats()
     return {
         "status": "degraded" if writer.degraded else "healthy",
@@ -165,9 +182,11 @@ def device(device_id: str, registry: RegistryDep) -> dict[str, Any]:
 
 
 @protected.get("/stats", tags=["stats"])
-async def stats(registry: RegistryDep, store: StoreDep) -> dict[str, Any]:
-    """The seed's counts, plus sessions by state (SQL) and the store writer's figures."""
+async def stats(registry: RegistryDep, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    """The seed's counts, plus sessions by state (SQL) and the store writer's figures.
+    `live_sessions` counts the session manager's own map (`active_sessions` the registry's)."""
     result = registry.get_stats()
+    result["live_sessions"] = len(hub.sessions)
     result["sessions_by_state"] = await run_in_threadpool(read_session_counts, store.engine)
     writer = store.writer.stats()
     result["store"] = {
@@ -222,6 +241,13 @@ class DispatchBody(BaseModel):
     request: str | None = None
     task_name: str | None = None
 
+    @model_validator(mode="after")
+    def _storable(self) -> DispatchBody:
+        # The same rule as for WebSocket frames (protocol.decode_client_message).
+        if has_unstorable_value([self.client_id, self.request, self.task_name]):
+            raise ValueError("NUL characters and unpaired surrogates are not allowed")
+        return self
+
 
 @protected.post("/dispatch", tags=["sessions"])
 async def dispatch(
@@ -253,7 +279,7 @@ async def dispatch(
             task_name=task_name,
             request=body.request,
         )
-    except StoreBacklogFull as exc:
+    except StoreUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     except SessionError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None

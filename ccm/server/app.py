@@ -27,6 +27,8 @@ from ccm.clock import utcnow
 from ccm.registry import ClientConnectionManager
 from ccm.server.api import router as api_router
 from ccm.server.auth import LocalOnlyGuard, is_loopback_bind, resolve_api_key
+from ccm.server.dashboard import router as dashboard_router
+from ccm.server.feed import DashboardFeed
 from ccm.server.hub import Hub
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.ws import websocket_endpoint
@@ -63,6 +65,23 @@ async def _cleanup_loop(store: Store, settings: Settings, metrics: Metrics) -> N
             logger.exception("scheduled cleanup failed; will try again in %.0f s", interval)
 
 
+async def _start_store(settings: Settings, metrics: Metrics) -> Store:
+    """Open the store: schema check (SQLite migrated), restart recovery, run row, writer."""
+    store = open_store(settings)
+    await asyncio.to_thread(ensure_schema, store.engine)
+    recovered = await asyncio.to_thread(store.recover_after_restart)
+    if recovered.connections_closed or recovered.sessions_interrupted:
+        logger.warning(
+            "restart recovery closed %d connections, interrupted %d sessions",
+            recovered.connections_closed,
+            recovered.sessions_interrupted,
+        )
+    await asyncio.to_thread(store.record_run_started, version=__version__)
+    store.writer.on_commit = metrics.observe_commit
+    store.writer.start()
+    return store
+
+
 def create_app(
     settings: Settings,
     *,
@@ -80,18 +99,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings)
-        await asyncio.to_thread(ensure_schema, store.engine)
-        recovered = await asyncio.to_thread(store.recover_after_restart)
-        if recovered.connections_closed or recovered.sessions_interrupted:
-            logger.warning(
-                "restart recovery closed %d connections, interrupted %d sessions",
-                recovered.connections_closed,
-                recovered.sessions_interrupted,
-            )
-        await asyncio.to_thread(store.record_run_started, version=__version__)
-        store.writer.on_commit = metrics.observe_commit
-        store.writer.start()
+        # database.enabled false: no store at all (live registry only, see DatabaseSettings).
+        store = await _start_store(settings, metrics) if settings.database.enabled else None
         registry = ClientConnectionManager(
             store=store,
             device_configs=device_configs,
@@ -105,7 +114,7 @@ def create_app(
             runners=runners,
             metrics=metrics,
         )
-        metrics.watch(registry, store.writer)
+        metrics.watch(registry, store.writer if store is not None else None)
         metrics_server = None
         if settings.metrics.enabled and settings.metrics.port is not None:
             metrics_server, _ = start_http_server(
@@ -115,12 +124,18 @@ def create_app(
         app.state.registry = registry
         app.state.sessions = sessions
         app.state.hub = hub
+        dashboard = DashboardFeed(hub=hub, store=store, metrics=metrics)
+        dashboard.start()
+        app.state.dashboard = dashboard
         cleanup_task = (
             asyncio.create_task(_cleanup_loop(store, settings, metrics), name="ccm-cleanup")
-            if settings.cleanup.enabled
+            if settings.cleanup.enabled and store is not None
             else None
         )
-        logger.info("ccm started run_id=%s database=%s", store.run_id, store.engine.url.render_as_string(hide_password=True))
+        if store is None:
+            logger.warning("ccm started without a database (database.enabled: false): no history")
+        else:
+            logger.info("ccm started run_id=%s database=%s", store.run_id, store.engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
@@ -128,13 +143,15 @@ def create_app(
                 cleanup_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await cleanup_task
+            await dashboard.stop()
             await hub.shutdown()
             if metrics_server is not None:
                 metrics_server.shutdown()
-            store.record_run_stopped()
-            drained = await asyncio.to_thread(store.writer.stop)
-            store.engine.dispose()
-            logger.info("ccm stopped run_id=%s writes_flushed=%s", store.run_id, drained)
+            if store is not None:
+                store.record_run_stopped()
+                drained = await asyncio.to_thread(store.writer.stop)
+                store.engine.dispose()
+                logger.info("ccm stopped run_id=%s writes_flushed=%s", store.run_id, drained)
 
     app = FastAPI(
         title="ccm",
@@ -146,6 +163,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(api_router)
+    app.include_router(dashboard_router)
     app.add_api_websocket_route("/ws", websocket_endpoint)
 
     @app.exception_handler(CcmError)

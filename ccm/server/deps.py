@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, HTTPException, status
 from starlette.requests import HTTPConnection
 
 from ccm.registry import ClientConnectionManager
@@ -23,7 +23,12 @@ def _registry(conn: HTTPConnection) -> ClientConnectionManager:
 
 
 def _store(conn: HTTPConnection) -> Store:
-    store: Store = conn.app.state.store
+    store: Store | None = conn.app.state.store
+    if store is None:  # database.enabled: false keeps no history
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "no history: this server runs without a database (database.enabled: false)",
+        )
     return store
 
 

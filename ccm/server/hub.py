@@ -18,7 +18,7 @@ from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.logs import bind
 from ccm.metrics import Metrics
-from ccm.errors import DuplicateClientError, SessionError, StoreBacklogFull
+from ccm.errors import DuplicateClientError, SessionError, StoreUnavailable
 from ccm.protocol import (
     CLOSE_GOING_AWAY,
     ClientMessage,
@@ -121,6 +121,8 @@ class Hub:
         self.sessions = sessions
         self.runners = runners
         self.ack_timeout = max(1.0, settings.server.send_timeout.total_seconds())
+        self._held: set[asyncio.Task[None]] = set()
+        """task_end `completed` frames waiting for the database (see finish_session)."""
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ class Hub:
     async def handle(self, peer: Peer, msg: ClientMessage) -> None:
         """Handle one frame of a registered connection (called in frame order)."""
         kind = msg.type
-        self.metrics.frames_in.labels(kind.value).inc()
+        self.metrics.count(self.metrics.frames_in, kind.value)
         if kind is ClientMessageType.HEARTBEAT:
             # Decision D2: a heartbeat grants nothing, so only client_id is checked (Galaxy sends
             # its heartbeats with client_type "device").
@@ -253,7 +255,14 @@ class Hub:
         if not self._may_use_device(peer, msg.target_id):
             peer.send(error_frame("Not authorized to request device info for this device"))
             return
-        info = self.registry.get_device_system_info(msg.target_id) if msg.target_id else None
+        # The live dict, not get_device_system_info's deep copy: it is encoded into the reply at
+        # once, and the registry replaces a device's system info, it never changes it in place.
+        client = self.registry.get_client_info(msg.target_id) if msg.target_id else None
+        info = (
+            client.system_info
+            if client is not None and client.client_type is ClientType.DEVICE
+            else None
+        )
         if info is None:
             text = f"Device {msg.target_id} not found or no system info available"
             peer.send(
@@ -313,7 +322,7 @@ class Hub:
                 )
                 self._refuse_task(peer, msg.session_id, text)
                 return
-            with contextlib.suppress(SessionError, StoreBacklogFull):  # requester already told
+            with contextlib.suppress(SessionError, StoreUnavailable):  # requester already told
                 await self.start_session(
                 requester=peer,
                 session_id=msg.session_id,
@@ -328,7 +337,7 @@ class Hub:
             return
         # A device's own task, including the bounce of a TASK assignment: it always runs through
         # the runners (never answered with another assignment, which would loop).
-        with contextlib.suppress(SessionError, StoreBacklogFull):  # requester already told
+        with contextlib.suppress(SessionError, StoreUnavailable):  # requester already told
             await self.start_session(
             requester=peer,
             session_id=msg.session_id,
@@ -350,7 +359,7 @@ class Hub:
         request: str | None,
         force_agent: bool = False,
     ) -> LiveSession:
-        """Create, persist, acknowledge and launch a session. Raises SessionError/StoreBacklogFull
+        """Create, persist, acknowledge and launch a session. Raises SessionError/StoreUnavailable
         (after telling the requester) if it cannot start."""
         relay = not force_agent and self.is_relay_device(device_id)
         try:
@@ -365,17 +374,18 @@ class Hub:
                 task_name=sanitize_task_name(task_name),
                 request=request,
             )
-        except (SessionError, StoreBacklogFull) as exc:
+        except (SessionError, StoreUnavailable) as exc:
             if requester is not None:
                 self._refuse_task(requester, session_id, str(exc))
             raise
-        self.metrics.sessions_started.labels(session.mode.value, origin.value).inc()
+        self.metrics.count(self.metrics.sessions_started, session.mode.value, origin.value)
         if not await self._durable():
             await self.finish_session(
                 session, SessionState.FAILED, reason="store_unavailable",
                 error="the database did not confirm the session in time; try again",
+                wait=False,
             )
-            raise StoreBacklogFull("the database did not confirm the session in time")
+            raise StoreUnavailable("the database did not confirm the session in time")
         if requester is not None:
             requester.send(ok_frame(session.session_id))
         if relay:
@@ -477,14 +487,19 @@ class Hub:
         reason: str | None = None,
         result: Any = None,
         error: str | None = None,
+        wait: bool = True,
     ) -> EndedSession | None:
-        """End a session once, persist it, then tell its owner and device with one TASK_END."""
+        """End a session once, persist it, then tell its owner and device with one TASK_END.
+
+        The TASK_END goes out once the final state is committed. If the database does not
+        confirm in time (or is known to be away, or `wait` is False), a failure is sent at
+        once, but a `completed` is held until the state is committed."""
         ended = self.sessions.finish(
             session.session_id, state, reason=reason, result=result, error=error, run_id=session.id
         )
         if ended is None:
             return None
-        self.metrics.sessions_ended.labels(state.value).inc()
+        self.metrics.count(self.metrics.sessions_ended, state.value)
         if session.started_at is not None:
             duration = (ended.ended_at - session.started_at).total_seconds()
             self.metrics.session_duration.labels(session.mode.value).observe(duration)
@@ -494,7 +509,7 @@ class Hub:
         for future in session.runtime.get("commands", {}).values():
             if not future.done():
                 future.cancel()
-        await self._durable()
+        durable = await self._durable() if wait else False
         frame = task_end_frame(
             session.session_id,
             completed=state is SessionState.COMPLETED,
@@ -502,21 +517,45 @@ class Hub:
             error=error,
             response_id=new_id(),
         )
-        for client_id in dict.fromkeys([session.owner_id, session.device_id]):
-            peer = self.peer_of(client_id)
-            if peer is not None:
-                peer.send(frame)
+        recipients = list(dict.fromkeys([session.owner_id, session.device_id]))
+        if durable or state is not SessionState.COMPLETED:
+            self._send_to(recipients, frame)
+        else:
+            # The database is away. A client told `completed` relies on the result, so that
+            # task_end waits until the state is committed (a crash before then must not leave
+            # SQL saying otherwise); the connection meanwhile goes on serving other frames.
+            held = asyncio.create_task(
+                self._send_when_durable(recipients, frame), name="ccm-held-task-end"
+            )
+            self._held.add(held)
+            held.add_done_callback(self._held.discard)
         if session.mode is Mode.RELAY and session.started_at is not None:
             self.metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
         return ended
 
+    def _send_to(self, client_ids: list[str], frame: str) -> None:
+        for client_id in client_ids:
+            peer = self.peer_of(client_id)
+            if peer is not None:
+                peer.send(frame)
+
+    async def _send_when_durable(self, client_ids: list[str], frame: str) -> None:
+        store = self.registry.store
+        if store is not None:
+            await store.writer.durable()  # resolves once the database is back and took the queue
+        self._send_to(client_ids, frame)
+
     async def _durable(self) -> bool:
-        """Wait (bounded) until queued writes are committed. False if the store did not confirm."""
+        """Wait (bounded) until queued writes are committed. False if the store did not confirm,
+        at once while the database is known to be away (no connection stalls on it)."""
         store = self.registry.store
         if store is None:
             return True
+        if store.writer.degraded:
+            return False
         try:
-            await asyncio.wait_for(store.writer.durable(), self.ack_timeout)
+            async with asyncio.timeout(self.ack_timeout):  # no extra task, unlike wait_for
+                await store.writer.durable()
         except TimeoutError:
             logger.error("store did not confirm writes within %.1f s", self.ack_timeout)
             return False
@@ -572,3 +611,6 @@ class Hub:
         for peer in peers:
             with contextlib.suppress(Exception):
                 await self.disconnect(peer, "server_shutdown")
+        for held in list(self._held):  # their clients are gone; the states stay queued
+            held.cancel()
+        await asyncio.gather(*self._held, return_exceptions=True)

@@ -40,8 +40,14 @@ class Peer:
         default_factory=lambda: asyncio.Queue(maxsize=OUTBOX_SIZE)
     )
     _sender: asyncio.Task[None] | None = None
+    _sender_stopped: bool = False
     _closing: bool = False
     _closer: asyncio.Task[None] | None = None
+    handler: asyncio.Task[None] | None = None
+    """The connection's receive loop (ws.py), ended by `_abandon` when a close cannot be sent."""
+    receiving: bool = False
+    """True while the receive loop waits for the next frame (a safe point to cancel it)."""
+    abandoned: bool = False
 
     def start(self) -> None:
         self._sender = asyncio.create_task(self._send_loop(), name=f"ccm-send-{self.client_id}")
@@ -65,7 +71,7 @@ class Peer:
             return False
         if self.metrics is not None:
             # Frames start with {"type":"<type>", (protocol.server_frame); no JSON parse needed.
-            self.metrics.frames_out.labels(frame[9 : frame.find('"', 9)]).inc()
+            self.metrics.count(self.metrics.frames_out, frame[9 : frame.find('"', 9)])
         return True
 
     def kick(self, reason: str, code: int = CLOSE_POLICY) -> None:
@@ -94,17 +100,43 @@ class Peer:
         if self._sender is not None and self._sender is not asyncio.current_task():
             self._sender.cancel()
         if self.websocket.application_state is WebSocketState.CONNECTED:
+            try:
+                await asyncio.wait_for(
+                    self.websocket.close(code=code, reason=reason[:120]), self.send_timeout
+                )
+            except TimeoutError:
+                # Not even the close frame could be written: the client does not read, so it
+                # will never answer it either. Waiting for its close (or for the heartbeat
+                # timeout) would keep it registered for minutes.
+                self._abandon()
+            except Exception:  # already gone: the receive loop sees the disconnect
+                pass
+
+    async def wait_closed(self) -> None:
+        """Wait for the close a kick started (bounded by the send timeout inside it)."""
+        if self._closer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.websocket.close(code=code, reason=reason[:120]), 5)
+                await self._closer
+
+    def _abandon(self) -> None:
+        """End the receive loop of a connection whose client cannot be reached any more."""
+        self.abandoned = True
+        handler = self.handler
+        if handler is not None and self.receiving and not handler.done():
+            handler.cancel()  # ws.py turns this cancel into a normal end with close_reason
 
     async def stop_sender(self) -> None:
+        # The flag, not only the cancel: on Python 3.11 a cancel that lands while a send
+        # completes is swallowed by wait_for, and the loop would wait on the outbox forever
+        # (and this await with it, so the disconnect would never finish).
+        self._sender_stopped = True
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._sender
 
     async def _send_loop(self) -> None:
-        while True:
+        while not self._sender_stopped:
             frame = await self._outbox.get()
             if frame is None:
                 return

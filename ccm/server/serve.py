@@ -19,6 +19,19 @@ from ccm.server.auth import RedactTokens
 logger = logging.getLogger(__name__)
 
 
+class HandledClientErrors(logging.Filter):
+    """uvicorn logs a client's invalid UTF-8 text frame as an ERROR with a traceback, although it
+    handles it (close 1007). Bad input we handled is a WARNING without a traceback here, so an
+    ERROR in the log always means something the server could not handle."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Invalid UTF-8 sequence"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "invalid UTF-8 in a text frame; connection closed with 1007", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class CcmServer(uvicorn.Server):
     """uvicorn.Server that closes our WebSockets with 1001 (recorded as `server_shutdown`)
     before uvicorn's own shutdown would close them with its generic code."""
@@ -33,6 +46,9 @@ class CcmServer(uvicorn.Server):
             log = logging.getLogger(name)
             if not any(isinstance(f, RedactTokens) for f in log.filters):
                 log.addFilter(RedactTokens())
+        error_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, HandledClientErrors) for f in error_log.filters):
+            error_log.addFilter(HandledClientErrors())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -61,6 +77,9 @@ class CcmServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()
+        dashboard = getattr(self._app.state, "dashboard", None)
+        if dashboard is not None:
+            dashboard.close()  # end event streams: uvicorn's drain would wait for open browsers
         hub = getattr(self._app.state, "hub", None)
         if hub is not None:
             try:

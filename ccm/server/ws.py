@@ -28,6 +28,7 @@ from ccm.server.hub import Hub, RegistrationRefused
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD_FRAMES = 20
+_PROTOCOL_CLOSE_CODES = {1002, 1003, CLOSE_INVALID_PAYLOAD}
 
 
 class _Closed(Exception):
@@ -107,14 +108,22 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         hub.metrics.registrations_refused.labels("refused").inc()
         await _refuse(websocket, str(exc), CLOSE_POLICY)
         return
+    # An idle connection waits here for hours: do not keep its REGISTER frame (text and parsed
+    # message, a few KB with system info) alive in this frame until the next message arrives.
+    del text, msg
 
     silence_limit = 1.5 * server.heartbeat_interval.total_seconds()
     reason = "closed"
     bad_frames = 0
+    peer.handler = asyncio.current_task()
     try:
-        while True:
+        while not peer.abandoned:
             try:
-                text = await _receive_text(websocket, silence_limit, max_bytes)
+                peer.receiving = True
+                try:
+                    text = await _receive_text(websocket, silence_limit, max_bytes)
+                finally:
+                    peer.receiving = False
                 msg = decode_client_message(text)
             except FrameError as exc:
                 hub.metrics.protocol_errors.labels(exc.kind).inc()
@@ -126,7 +135,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 peer.send(error_frame(exc.reason))
                 if bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES:
                     reason = "protocol_error"
-                    peer.kick(reason, exc.close_code)
+                    # The client is reading: let it have the last ERROR before the close.
+                    await peer.flush_and_close(exc.close_code, reason)
                     break
                 continue
             bad_frames = 0
@@ -140,13 +150,23 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except TimeoutError:
         reason = "heartbeat_timeout"
         peer.kick(reason)
+    except asyncio.CancelledError:
+        # Peer._abandon: the client stopped reading and cannot even be sent a close frame.
+        task = asyncio.current_task()
+        if not peer.abandoned or task is None or task.cancelling() != 1:
+            raise
+        task.uncancel()
+        reason = "connection_lost"
     except _Closed as closed:
-        # uvicorn enforces ws_max_size itself and reports its 1009 close as a disconnect.
+        # uvicorn enforces ws_max_size itself and reports its 1009 close as a disconnect; it
+        # closes invalid UTF-8 (1007) and broken framing (1002) itself too.
         reason = (
             "closed"
             if closed.code in (None, 1000, 1001)
             else "frame_too_large"
             if closed.code == CLOSE_TOO_BIG
+            else "protocol_error"
+            if closed.code in _PROTOCOL_CLOSE_CODES
             else "connection_lost"
         )
     except (RuntimeError, OSError):
@@ -154,6 +174,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         reason = "connection_lost"
     finally:
         await hub.disconnect(peer, peer.close_reason or reason)
+        await peer.wait_closed()  # a kick's close carries its code (1007, 1008, 1009): not 1000
         if websocket.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close()

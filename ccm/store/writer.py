@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError, StatementError
 
-from ccm.errors import StoreBacklogFull
+from ccm.errors import StoreBacklogFull, StoreUnavailable
 from ccm.store.statements import statements_for
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ class WriterStats:
     last_commit_seconds: float
 
 
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # a waiter that timed out cancelled its future
+            future.set_result(None)
+
+
 class StoreWriter:
     """Drains queued writes into the database in batches (group commit)."""
 
@@ -73,11 +79,15 @@ class StoreWriter:
         batch_size: int = 500,
         max_queue: int = 100_000,
         retry_interval: float = 1.0,
+        stall_after: float = 2.0,
     ) -> None:
         self._engine = engine
         self._batch_size = batch_size
         self._max_queue = max_queue
         self._retry_interval = retry_interval
+        self._stall_after = stall_after
+        self._busy_since: float | None = None
+        """monotonic() when the batch being applied was first tried; None when idle."""
         self._queue: collections.deque[Write | _Barrier] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -91,6 +101,11 @@ class StoreWriter:
         self._last_commit = 0.0
         self.on_commit: Callable[[int, float], None] | None = None
         """Called from the writer thread after each committed batch: (writes, seconds)."""
+        self._submitted = 0
+        """Writes queued so far; the n-th write is committed once `_done` reaches n."""
+        self._done = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        """`durable()` callers on event loops: (writes they wait for, future), in queue order."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,6 +150,7 @@ class StoreWriter:
         """Queue a write. Never blocks on I/O."""
         with self._cond:
             self._queue.append(write)
+            self._submitted += 1
             if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
                 self._cond.notify()
 
@@ -142,12 +158,23 @@ class StoreWriter:
         """Whether new durable work (a session) may be accepted."""
         return len(self._queue) < self._max_queue
 
+    @property
+    def degraded(self) -> bool:
+        """The database is not taking writes: the last attempt failed, or one is stuck."""
+        return self._degraded or self._stalled_for() is not None
+
     def reserve(self) -> None:
-        """Raise StoreBacklogFull when the queue is at its bound."""
+        """Raise StoreBacklogFull when the queue is at its bound, StoreUnavailable while the
+        database is not taking writes: new durable work (a session) cannot be confirmed."""
         if not self.has_capacity():
             raise StoreBacklogFull(
                 f"the database is not keeping up ({len(self._queue)} writes queued, "
                 f"bound {self._max_queue}); new sessions are refused until it recovers"
+            )
+        if self.degraded:
+            raise StoreUnavailable(
+                f"the database is not taking writes ({self.stats().last_error}); "
+                "new sessions are refused until it recovers"
             )
 
     def flush(self) -> concurrent.futures.Future[None]:
@@ -164,18 +191,35 @@ class StoreWriter:
         return barrier.future
 
     async def durable(self) -> None:
-        """Await the commit of every write queued before this call."""
-        await asyncio.wrap_future(self.flush())
+        """Await the commit of every write queued before this call.
+
+        Group commit for event loops: a waiter is a sequence number and a loop future, and
+        after each batch the writer wakes every loop once for all the waiters it covered, so
+        many sessions acknowledged by one commit cost one wake-up, not one barrier each."""
+        if self._thread is None:
+            await asyncio.wrap_future(self.flush())  # not running: flush applies inline
+            return
+        future = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self._done >= self._submitted:
+                return
+            self._waiters.append((self._submitted, future))
+        await future
 
     def stats(self) -> WriterStats:
+        stalled = self._stalled_for()
         return WriterStats(
             queue_depth=sum(1 for item in list(self._queue) if isinstance(item, Write)),
             max_queue=self._max_queue,
             batches_committed=self._batches,
             writes_committed=self._committed,
             writes_failed=self._failed,
-            degraded=self._degraded,
-            last_error=self._last_error,
+            degraded=self._degraded or stalled is not None,
+            last_error=(
+                f"a commit has waited {stalled:.0f} s for the database (locked or unreachable)"
+                if stalled is not None and not self._degraded
+                else self._last_error
+            ),
             last_batch_size=self._last_batch,
             last_commit_seconds=self._last_commit,
         )
@@ -219,9 +263,20 @@ class StoreWriter:
                 self._queue.extendleft(reversed(batch))  # keep them queued, not lost
                 raise
 
+    def _stalled_for(self) -> float | None:
+        """Seconds the current batch has waited, if longer than `stall_after`: a database that
+        blocks (a lock held elsewhere, a port that drops packets) raises nothing for a long
+        time, but it is not taking writes either."""
+        since = self._busy_since
+        if since is None:
+            return None
+        waited = time.monotonic() - since
+        return waited if waited > self._stall_after else None
+
     def _apply_until_done(self, batch: list[Write | _Barrier], *, retry: bool = True) -> bool:
         writes = [item for item in batch if isinstance(item, Write)]
         deadline: float | None = None
+        self._busy_since = time.monotonic() if writes else None
         while writes:  # a batch of only flush markers needs no transaction
             try:
                 started = time.perf_counter()
@@ -232,19 +287,21 @@ class StoreWriter:
                 # Transient: the database is away or locked. Keep the batch and try again.
                 self._mark_degraded(exc)
                 if not retry:
+                    self._busy_since = None
                     raise
                 if self._stopping:
                     deadline = deadline or time.monotonic() + 10 * self._retry_interval
                     if time.monotonic() > deadline:
                         return False
                 time.sleep(self._retry_interval)
-            except StatementError as exc:
+            except Exception as exc:  # the writer thread is an edge: it must never die
                 # Not transient: one write is bad (refused by the database, or a value that cannot
-                # be bound, which SQLAlchemy raises before the DBAPI is called). Apply them one by
-                # one and drop only the bad one.
+                # be bound, which SQLAlchemy raises before the DBAPI is called, or that the driver
+                # cannot even encode). Apply them one by one and drop only the bad one.
                 logger.error("batch of %d writes failed (%s); retrying singly", len(writes), exc)
                 self._commit_singly(writes)
                 break
+        self._busy_since = None
         if self._degraded:
             logger.warning("database writes recovered after: %s", self._last_error)
         self._degraded = False
@@ -256,7 +313,20 @@ class StoreWriter:
         for item in batch:
             if isinstance(item, _Barrier) and not item.future.done():
                 item.future.set_result(None)
+        self._release(len(writes))
         return True
+
+    def _release(self, applied: int) -> None:
+        """Count `applied` more writes as committed and wake the loops of covered waiters."""
+        ready: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        with self._cond:
+            self._done += applied
+            while self._waiters and self._waiters[0][0] <= self._done:
+                future = self._waiters.popleft()[1]
+                ready.setdefault(future.get_loop(), []).append(future)
+        for loop, futures in ready.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_resolve, futures)
 
     def _commit(self, writes: list[Write]) -> None:
         with self._engine.begin() as conn:
@@ -287,11 +357,25 @@ class StoreWriter:
 
     def _commit_singly(self, writes: list[Write]) -> None:
         for write in writes:
-            try:
-                self._commit([write])
-            except StatementError as exc:
-                self._failed += 1
-                logger.error("dropped write %s: %s", write.kind, exc)
+            while True:
+                try:
+                    self._commit([write])
+                except OperationalError as exc:  # the database went away meanwhile: same write
+                    self._mark_degraded(exc)
+                    if not self._stopping:
+                        time.sleep(self._retry_interval)
+                        continue
+                    logger.error("dropped write %s while stopping: %s", write.kind, exc)
+                except Exception as exc:
+                    self._failed += 1
+                    # A driver-level error (not a StatementError) is unexpected: keep its traceback.
+                    logger.error(
+                        "dropped write %s: %s",
+                        write.kind,
+                        exc,
+                        exc_info=not isinstance(exc, StatementError),
+                    )
+                break
 
     def _mark_degraded(self, exc: Exception) -> None:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
