@@ -162,16 +162,29 @@ def serve(
 # -- db ----------------------------------------------------------------------------------------
 
 
+def _revision_report(settings: Settings, as_json: bool) -> None:
+    engine = make_engine(settings.database_url)
+    try:
+        current = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    if as_json:
+        _print_json({"current": current, "head": migrate.head_revision()})
+    else:
+        out.print(f"database at {current or '(empty)'}")
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     config: ConfigOpt = None,
     database_url: UrlOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Apply migrations up to REVISION (default: head)."""
     settings = _settings(config, database_url)
     migrate.upgrade(settings.database_url, revision)
-    out.print(f"database at {migrate.current_revision(make_engine(settings.database_url))}")
+    _revision_report(settings, as_json)
 
 
 @db_app.command("downgrade")
@@ -179,11 +192,12 @@ def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision (e.g. base).")],
     config: ConfigOpt = None,
     database_url: UrlOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revert migrations down to REVISION."""
     settings = _settings(config, database_url)
     migrate.downgrade(settings.database_url, revision)
-    out.print(f"database at {migrate.current_revision(make_engine(settings.database_url))}")
+    _revision_report(settings, as_json)
 
 
 @db_app.command("current")
@@ -200,7 +214,7 @@ def db_current(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: J
 
 
 @db_app.command("check")
-def db_check(config: ConfigOpt = None, database_url: UrlOpt = None) -> None:
+def db_check(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     """Fail if the database is not at head or the models differ from the migrations."""
     settings = _settings(config, database_url)
     engine = make_engine(settings.database_url)
@@ -208,6 +222,9 @@ def db_check(config: ConfigOpt = None, database_url: UrlOpt = None) -> None:
     if current != head:
         raise CcmError(f"database is at {current or '(empty)'}, head is {head}: run `ccm db upgrade`")
     migrate.check(settings.database_url)
+    if as_json:
+        _print_json({"current": current, "head": head, "matches_models": True})
+        return
     out.print("schema matches the models")
 
 
