@@ -4,12 +4,15 @@ AIP client over a real `websockets` connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -155,3 +158,29 @@ class AipClient:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+_opened: contextvars.ContextVar[list[AipClient]] = contextvars.ContextVar("opened")
+T = TypeVar("T")
+
+
+def run(scenario: Coroutine[Any, Any, T]) -> T:
+    """Run a client scenario; every client it opened (see `track`) is closed at the end."""
+
+    async def main() -> T:
+        opened: list[AipClient] = []
+        _opened.set(opened)
+        try:
+            return await scenario
+        finally:
+            for client in opened:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    return asyncio.run(main())
+
+
+def track(client: AipClient) -> AipClient:
+    """Close `client` when the scenario started by `run` ends, pass or fail."""
+    _opened.get().append(client)
+    return client

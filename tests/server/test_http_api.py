@@ -4,13 +4,11 @@ routes in UFO's shapes, ccm's additions, and errors as JSON with a `detail`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -19,7 +17,7 @@ import pytest
 from ccm.server.runners import NO_RUNNER_ERROR
 from ccm.store.models import SessionState
 from ccm.store.repository import read_sessions
-from tests.server.support import API_KEY, AipClient, ServerThread
+from tests.server.support import API_KEY, AipClient, ServerThread, run, track
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {}, "tool_type": "action"}])
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -28,32 +26,16 @@ BAD_NAME = (
     "and must not start with '.'"
 )
 
-_opened: contextvars.ContextVar[list[AipClient]] = contextvars.ContextVar("opened")
-T = TypeVar("T")
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def run(scenario: Coroutine[Any, Any, T]) -> T:
-    """Run a client scenario; every client it opened is closed at the end, pass or fail."""
-
-    async def main() -> T:
-        opened: list[AipClient] = []
-        _opened.set(opened)
-        try:
-            return await scenario
-        finally:
-            for client in opened:
-                with contextlib.suppress(Exception):
-                    await client.close()
-
-    return asyncio.run(main())
 
 
 async def connect_device(server: ServerThread, client_id: str, **kwargs: Any) -> AipClient:
     client = await AipClient.connect(server.ws_url)
-    _opened.get().append(client)
+    track(client)
     reply = await client.register_device(client_id, **kwargs)
     assert (reply["type"], reply["status"]) == ("heartbeat", "ok"), reply
     return client
@@ -63,7 +45,7 @@ async def connect_constellation(
     server: ServerThread, client_id: str, target_id: str | None
 ) -> AipClient:
     client = await AipClient.connect(server.ws_url)
-    _opened.get().append(client)
+    track(client)
     reply = await client.register_constellation(client_id, target_id)
     assert (reply["type"], reply["status"]) == ("heartbeat", "ok"), reply
     return client

@@ -9,13 +9,11 @@ so anything queued for it earlier would arrive first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import json
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -26,36 +24,20 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from ccm.server.ws import MAX_CONSECUTIVE_BAD_FRAMES
 from ccm.store.models import clients, connections
 from ccm.store.repository import ConnectionRow, SessionRow, read_connection_history, read_sessions
-from tests.server.support import API_KEY, AipClient, ServerThread
+from tests.server.support import API_KEY, AipClient, ServerThread, run, track
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {}, "tool_type": "action"}])
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
-_opened: contextvars.ContextVar[list[AipClient]] = contextvars.ContextVar("opened")
-T = TypeVar("T")
 
 
-def run(scenario: Coroutine[Any, Any, T]) -> T:
-    """Run a client scenario; every client it opened is closed at the end, pass or fail."""
-
-    async def main() -> T:
-        opened: list[AipClient] = []
-        _opened.set(opened)
-        try:
-            return await scenario
-        finally:
-            for client in opened:
-                with contextlib.suppress(Exception):
-                    await client.close()
-
-    return asyncio.run(main())
 
 
 async def open_client(server: ServerThread) -> AipClient:
     client = await AipClient.connect(server.ws_url)
-    _opened.get().append(client)
+    track(client)
     return client
 
 
