@@ -162,12 +162,16 @@ def serve(
 # -- db ----------------------------------------------------------------------------------------
 
 
-def _revision_report(settings: Settings, as_json: bool) -> None:
+def _current_revision(settings: Settings) -> str | None:
     engine = make_engine(settings.database_url)
     try:
-        current = migrate.current_revision(engine)
+        return migrate.current_revision(engine)
     finally:
         engine.dispose()
+
+
+def _revision_report(settings: Settings, as_json: bool) -> None:
+    current = _current_revision(settings)
     if as_json:
         _print_json({"current": current, "head": migrate.head_revision()})
     else:
@@ -204,7 +208,7 @@ def db_downgrade(
 def db_current(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     """Show the database's revision and the code's head."""
     settings = _settings(config, database_url)
-    current = migrate.current_revision(make_engine(settings.database_url))
+    current = _current_revision(settings)
     head = migrate.head_revision()
     if as_json:
         _print_json({"current": current, "head": head, "up_to_date": current == head})
@@ -217,8 +221,7 @@ def db_current(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: J
 def db_check(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     """Fail if the database is not at head or the models differ from the migrations."""
     settings = _settings(config, database_url)
-    engine = make_engine(settings.database_url)
-    current, head = migrate.current_revision(engine), migrate.head_revision()
+    current, head = _current_revision(settings), migrate.head_revision()
     if current != head:
         raise CcmError(f"database is at {current or '(empty)'}, head is {head}: run `ccm db upgrade`")
     migrate.check(settings.database_url)

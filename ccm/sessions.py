@@ -211,11 +211,3 @@ class SessionManager:
     def cancel_task(self, session_id: str, reason: str) -> EndedSession | None:
         """Cancel a session (the seed's name). Safe to call for an ended or unknown session."""
         return self.finish(session_id, SessionState.CANCELLED, reason=reason)
-
-    def interrupt_all(self, reason: str) -> list[EndedSession]:
-        """End every live session as interrupted (server shutdown)."""
-        ended = [
-            self.finish(s.session_id, SessionState.INTERRUPTED, reason=reason, run_id=s.id)
-            for s in self.live_sessions()
-        ]
-        return [e for e in ended if e is not None]

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from ccm.errors import SchemaOutdated
-from ccm.store.engine import is_sqlite, make_engine, normalise_url
+from ccm.store.engine import is_sqlite, normalise_url
 
 
 def migrations_dir() -> Path:
@@ -68,6 +68,3 @@ def ensure_schema(engine: Engine, *, auto_upgrade_sqlite: bool = True) -> str | 
         return head
     raise SchemaOutdated(current, head, engine.url.render_as_string(hide_password=True))
 
-
-def engine_for(url: str | URL) -> Engine:
-    return make_engine(url)
