@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from ccm.clock import utcnow
 from ccm.config import Settings
+from ccm.errors import DuplicateClientError, SessionError, StoreUnavailable
 from ccm.logs import bind
 from ccm.metrics import Metrics
-from ccm.errors import DuplicateClientError, SessionError, StoreUnavailable
 from ccm.protocol import (
     CLOSE_GOING_AWAY,
     ClientMessage,
@@ -122,7 +123,9 @@ class Hub:
         self.runners = runners
         self.ack_timeout = max(1.0, settings.server.send_timeout.total_seconds())
         self._held: set[asyncio.Task[None]] = set()
-        """task_end `completed` frames waiting for the database (see finish_session)."""
+        """Work waiting for a commit off the receive loops: session launches (ACK, then the
+        TASK to the device), task_end announcements, and `completed` task_ends held while the
+        database is away (see finish_session)."""
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -186,7 +189,6 @@ class Hub:
         self.metrics.registrations.labels(client_type.value).inc()
         bind(client_id=client_id, connection_id=info.connection_id)
         peer.epoch = info.epoch
-        peer.start()
         peer.send(ok_frame())
         if info.replaced is not None:
             old = info.replaced.transport
@@ -322,15 +324,19 @@ class Hub:
                 )
                 self._refuse_task(peer, msg.session_id, text)
                 return
-            with contextlib.suppress(SessionError, StoreUnavailable):  # requester already told
-                await self.start_session(
-                requester=peer,
-                session_id=msg.session_id,
-                device_id=target,
-                origin=Origin.CONSTELLATION,
-                task_name=msg.task_name,
-                request=msg.request,
-            )
+            try:
+                session, relay = self.create_session(
+                    requester=peer,
+                    session_id=msg.session_id,
+                    device_id=target,
+                    origin=Origin.CONSTELLATION,
+                    task_name=msg.task_name,
+                    request=msg.request,
+                )
+            except (SessionError, StoreUnavailable):
+                return  # the requester was told
+            # The ACK waits for the commit; this connection's next frames need not.
+            await self._without_blocking(self._launch(session, peer, relay=relay))
             return
         if msg.target_id not in (None, peer.client_id):
             self._refuse_task(peer, msg.session_id, "Device clients may not target other devices")
@@ -361,6 +367,32 @@ class Hub:
     ) -> LiveSession:
         """Create, persist, acknowledge and launch a session. Raises SessionError/StoreUnavailable
         (after telling the requester) if it cannot start."""
+        session, relay = self.create_session(
+            requester=requester,
+            session_id=session_id,
+            device_id=device_id,
+            origin=origin,
+            task_name=task_name,
+            request=request,
+            force_agent=force_agent,
+        )
+        if not await self._launch(session, requester, relay=relay):
+            raise StoreUnavailable("the database did not confirm the session in time")
+        return session
+
+    def create_session(
+        self,
+        *,
+        requester: Peer | None,
+        session_id: str | None,
+        device_id: str,
+        origin: Origin,
+        task_name: str | None,
+        request: str | None,
+        force_agent: bool = False,
+    ) -> tuple[LiveSession, bool]:
+        """The synchronous half of start_session: the session exists (and is queued for the
+        database) when this returns. Returns it and whether it runs in relay mode."""
         relay = not force_agent and self.is_relay_device(device_id)
         try:
             session = self.sessions.create(
@@ -379,22 +411,30 @@ class Hub:
                 self._refuse_task(requester, session_id, str(exc))
             raise
         self.metrics.count(self.metrics.sessions_started, session.mode.value, origin.value)
+        return session, relay
+
+    async def _launch(self, session: LiveSession, requester: Peer | None, *, relay: bool) -> bool:
+        """Once the session is committed: ACK the requester, then hand the task to the device
+        (relay) or to a runner. False if the database did not confirm (the session failed)."""
         if not await self._durable():
             await self.finish_session(
                 session, SessionState.FAILED, reason="store_unavailable",
                 error="the database did not confirm the session in time; try again",
                 wait=False,
             )
-            raise StoreUnavailable("the database did not confirm the session in time")
+            return False
+        if self.sessions.get(session.session_id) is not session:
+            return True  # ended meanwhile (its requester or device left): nothing to hand out
+        session.runtime["launched"] = True
         if requester is not None:
             requester.send(ok_frame(session.session_id))
         if relay:
-            device = self.peer_of(device_id)
+            device = self.peer_of(session.device_id)
             if device is None or not device.send(
                 server_frame(
                     ServerMessageType.TASK,
                     TaskStatus.CONTINUE,
-                    user_request=request,
+                    user_request=session.request,
                     task_name=session.task_name,
                     session_id=session.session_id,
                 )
@@ -402,17 +442,29 @@ class Hub:
                 await self.finish_session(
                     session, SessionState.FAILED, reason="device_disconnected", error=DEVICE_GONE_ERROR
                 )
-            return session
-        runner = next((r for r in self.runners if r.accepts(request)), None)
+            return True
+        runner = next((r for r in self.runners if r.accepts(session.request)), None)
         if runner is None:
             await self.finish_session(
                 session, SessionState.FAILED, reason="no_runner", error=NO_RUNNER_ERROR
             )
-            return session
+            return True
         session.runtime["task"] = asyncio.create_task(
             self._run(session, runner), name=f"ccm-session-{session.id}"
         )
-        return session
+        return True
+
+    async def _without_blocking(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` so that the calling receive loop need not wait for it. With a store, the
+        waits inside are for group commits: a receive loop that awaited each one would put every
+        session of its connection into a commit of its own, one after the other. Without a store
+        nothing inside waits, so it runs here (no task to pay for)."""
+        if self.registry.store is None:
+            await work
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
 
     async def _run(self, session: LiveSession, runner: SessionRunner) -> None:
         bind(session_id=session.session_id, device_id=session.device_id)
@@ -471,13 +523,15 @@ class Hub:
         else:
             result = None
         completed = msg.status is TaskStatus.COMPLETED
-        await self.finish_session(
+        ended = self._end(
             session,
             SessionState.COMPLETED if completed else SessionState.FAILED,
             reason=None if completed else "task_failed",
             result=result,
             error=msg.error,
         )
+        if ended is not None:
+            await self._without_blocking(self._announce_end(session, ended, wait=True))
 
     async def finish_session(
         self,
@@ -494,6 +548,22 @@ class Hub:
         The TASK_END goes out once the final state is committed. If the database does not
         confirm in time (or is known to be away, or `wait` is False), a failure is sent at
         once, but a `completed` is held until the state is committed."""
+        ended = self._end(session, state, reason=reason, result=result, error=error)
+        if ended is not None:
+            await self._announce_end(session, ended, wait=wait)
+        return ended
+
+    def _end(
+        self,
+        session: LiveSession,
+        state: SessionState,
+        *,
+        reason: str | None,
+        result: Any,
+        error: str | None,
+    ) -> EndedSession | None:
+        """The synchronous half of finish_session: the session is over (and its final state
+        queued for the database) when this returns. None if it had already ended."""
         ended = self.sessions.finish(
             session.session_id, state, reason=reason, result=result, error=error, run_id=session.id
         )
@@ -509,16 +579,24 @@ class Hub:
         for future in session.runtime.get("commands", {}).values():
             if not future.done():
                 future.cancel()
+        return ended
+
+    async def _announce_end(self, session: LiveSession, ended: EndedSession, *, wait: bool) -> None:
+        """TASK_END to the owner, and to the device if it was handed the session, once the final
+        state is durable (a `completed` is never announced before that)."""
+        completed = ended.state is SessionState.COMPLETED
         durable = await self._durable() if wait else False
         frame = task_end_frame(
             session.session_id,
-            completed=state is SessionState.COMPLETED,
-            result=result,
-            error=error,
+            completed=completed,
+            result=ended.result,
+            error=ended.error,
             response_id=new_id(),
         )
-        recipients = list(dict.fromkeys([session.owner_id, session.device_id]))
-        if durable or state is not SessionState.COMPLETED:
+        recipients = [session.owner_id]
+        if session.device_id != session.owner_id and session.runtime.get("launched"):
+            recipients.append(session.device_id)
+        if durable or not completed:
             self._send_to(recipients, frame)
         else:
             # The database is away. A client told `completed` relies on the result, so that
@@ -531,7 +609,6 @@ class Hub:
             held.add_done_callback(self._held.discard)
         if session.mode is Mode.RELAY and session.started_at is not None:
             self.metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
-        return ended
 
     def _send_to(self, client_ids: list[str], frame: str) -> None:
         for client_id in client_ids:
@@ -601,6 +678,8 @@ class Hub:
                 reason="server_shutdown",
                 error="the server is shutting down",
             )
+        if self._held:  # acknowledgements and task_ends waiting for their commit: let them out
+            await asyncio.wait(list(self._held), timeout=self.ack_timeout)
         peers = self.peers()
         for peer in peers:
             peer.close_reason = "server_shutdown"

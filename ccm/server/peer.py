@@ -1,21 +1,29 @@
 """Peer: one registered WebSocket connection, with its bound identity and a bounded outbox.
 
-Sends never block the caller: frames go to the peer's outbox and a sender task writes them with a
-timeout. A peer that does not read (its outbox fills, or one send takes longer than the timeout)
-is closed with reason `slow_consumer`, so it cannot stall the handler of anyone else.
+Sends never block the caller. A frame is written at once when nothing is queued before it and the
+transport takes it (the usual case: the ASGI send only waits when the client stops reading);
+otherwise it goes to the peer's outbox, which a sender task writes with a timeout. A peer that
+does not read (its outbox fills, or one send takes longer than the timeout) is closed with reason
+`slow_consumer`, so it cannot stall the handler of anyone else.
+
+Idle connections are most of a fleet: one holds no task and no queue, only a timer that checks
+its silence (moved when it fires, not on every frame).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
-from ccm.protocol import CLOSE_POLICY
 from ccm.metrics import Metrics
+from ccm.protocol import CLOSE_POLICY
 from ccm.registry import ClientType
 
 logger = logging.getLogger(__name__)
@@ -23,7 +31,7 @@ logger = logging.getLogger(__name__)
 OUTBOX_SIZE = 1024
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Peer:
     """A connection after REGISTER: identity and role are fixed here and never read from frames."""
 
@@ -36,21 +44,24 @@ class Peer:
     epoch: int = 0
     close_reason: str | None = None
     metrics: Metrics | None = None
-    _outbox: asyncio.Queue[str | None] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=OUTBOX_SIZE)
-    )
+    _outbox: collections.deque[str] | None = None
+    """Frames waiting behind one the transport did not take at once; None when nothing waits."""
     _sender: asyncio.Task[None] | None = None
+    """The task writing the outbox; it ends when the outbox is empty."""
+    _send_failed: bool = False
     _sender_stopped: bool = False
     _closing: bool = False
     _closer: asyncio.Task[None] | None = None
     handler: asyncio.Task[None] | None = None
-    """The connection's receive loop (ws.py), ended by `_abandon` when a close cannot be sent."""
+    """The connection's receive loop (ws.py), ended by `interrupt`."""
     receiving: bool = False
     """True while the receive loop waits for the next frame (a safe point to cancel it)."""
-    abandoned: bool = False
-
-    def start(self) -> None:
-        self._sender = asyncio.create_task(self._send_loop(), name=f"ccm-send-{self.client_id}")
+    interrupted: str | None = None
+    """Why the receive loop must end (`heartbeat_timeout`, `connection_lost`), once it must."""
+    last_frame_at: float = 0.0
+    """Event-loop time of the last frame received; the receive loop stamps it."""
+    _silence_limit: float = 0.0
+    _silence_timer: asyncio.TimerHandle | None = None
 
     @property
     def is_device(self) -> bool:
@@ -60,19 +71,74 @@ class Peer:
     def is_constellation(self) -> bool:
         return self.client_type is ClientType.CONSTELLATION
 
+    # -- sending ---------------------------------------------------------------------------------
+
     def send(self, frame: str) -> bool:
-        """Queue a frame. False if the peer is closing or too slow (it is then being closed)."""
-        if self._closing:
+        """Write or queue a frame. False if the peer is closing or too slow (it is then being
+        closed)."""
+        if self._closing or self._sender_stopped or self._send_failed:
             return False
-        try:
-            self._outbox.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.kick("slow_consumer")
-            return False
+        if self._sender is None:
+            # Nothing queued before it: write it now, with no task and no timer.
+            pending = self.websocket.send_text(frame)
+            try:
+                waiting_on = pending.send(None)
+            except StopIteration:
+                pass  # written
+            except Exception:  # the socket is gone; the receive loop notices and cleans up
+                self._send_failed = True
+                return False
+            else:
+                # The transport is paused (the client reads slower than we write): finish this
+                # frame, and any queued after it, in the background under the send timeout.
+                self._outbox = collections.deque()
+                self._sender = asyncio.get_running_loop().create_task(
+                    self._send_queued(_Suspended(pending, waiting_on))
+                )
+        else:
+            outbox = self._outbox
+            assert outbox is not None
+            if len(outbox) >= OUTBOX_SIZE:
+                self.kick("slow_consumer")
+                return False
+            outbox.append(frame)
         if self.metrics is not None:
             # Frames start with {"type":"<type>", (protocol.server_frame); no JSON parse needed.
             self.metrics.count(self.metrics.frames_out, frame[9 : frame.find('"', 9)])
         return True
+
+    async def _send_queued(self, first: _Suspended) -> None:
+        outbox = self._outbox
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await first.finish()
+            while outbox and not self._sender_stopped:
+                frame = outbox.popleft()
+                async with asyncio.timeout(self.send_timeout):
+                    await self.websocket.send_text(frame)
+        except TimeoutError:
+            self._send_failed = True
+            self.kick("slow_consumer")
+        except Exception:  # the socket is gone; the receive loop notices and cleans up
+            self._send_failed = True
+        finally:
+            self._sender = None
+            self._outbox = None
+
+    async def stop_sender(self) -> None:
+        """Stop writing and watching (the connection is being removed); drop what is queued."""
+        self._sender_stopped = True
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+        self._outbox = None
+
+    # -- closing ---------------------------------------------------------------------------------
 
     def kick(self, reason: str, code: int = CLOSE_POLICY) -> None:
         """Close this connection from the server side, recording `reason`."""
@@ -88,17 +154,17 @@ class Peer:
         if self._closing:
             return
         self.close_reason = reason
-        with contextlib.suppress(asyncio.QueueFull):
-            self._outbox.put_nowait(None)
-        if self._sender is not None:
+        self._closing = True  # nothing more is queued; what is queued still goes out
+        sender = self._sender
+        if sender is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._sender), self.send_timeout)
-        self._closing = True
+                await asyncio.wait_for(asyncio.shield(sender), self.send_timeout)
         await self._close(code, reason)
 
     async def _close(self, code: int, reason: str) -> None:
-        if self._sender is not None and self._sender is not asyncio.current_task():
-            self._sender.cancel()
+        sender = self._sender
+        if sender is not None and sender is not asyncio.current_task():
+            sender.cancel()
         if self.websocket.application_state is WebSocketState.CONNECTED:
             try:
                 await asyncio.wait_for(
@@ -108,7 +174,7 @@ class Peer:
                 # Not even the close frame could be written: the client does not read, so it
                 # will never answer it either. Waiting for its close (or for the heartbeat
                 # timeout) would keep it registered for minutes.
-                self._abandon()
+                self.interrupt("connection_lost")
             except Exception:  # already gone: the receive loop sees the disconnect
                 pass
 
@@ -118,32 +184,59 @@ class Peer:
             with contextlib.suppress(Exception):
                 await self._closer
 
-    def _abandon(self) -> None:
-        """End the receive loop of a connection whose client cannot be reached any more."""
-        self.abandoned = True
+    # -- the receive loop ------------------------------------------------------------------------
+
+    def interrupt(self, reason: str) -> None:
+        """End the receive loop: at once if it is waiting for a frame, else after this frame."""
+        if self.interrupted is not None:
+            return
+        self.interrupted = reason
         handler = self.handler
         if handler is not None and self.receiving and not handler.done():
-            handler.cancel()  # ws.py turns this cancel into a normal end with close_reason
+            handler.cancel()  # ws.py turns this cancel into a normal end with `interrupted`
 
-    async def stop_sender(self) -> None:
-        # The flag, not only the cancel: on Python 3.11 a cancel that lands while a send
-        # completes is swallowed by wait_for, and the loop would wait on the outbox forever
-        # (and this await with it, so the disconnect would never finish).
-        self._sender_stopped = True
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sender
+    def watch_silence(self, limit: float) -> None:
+        """Interrupt the receive loop with `heartbeat_timeout` after `limit` seconds without a
+        frame. The receive loop only stamps `last_frame_at`; the one timer of the connection is
+        moved when it fires, so a frame costs no timer of its own."""
+        loop = asyncio.get_running_loop()
+        self._silence_limit = limit
+        self.last_frame_at = loop.time()
+        self._silence_timer = loop.call_at(self.last_frame_at + limit, self._check_silence, loop)
 
-    async def _send_loop(self) -> None:
-        while not self._sender_stopped:
-            frame = await self._outbox.get()
-            if frame is None:
-                return
+    def _check_silence(self, loop: asyncio.AbstractEventLoop) -> None:
+        due = self.last_frame_at + self._silence_limit
+        if loop.time() < due:
+            self._silence_timer = loop.call_at(due, self._check_silence, loop)
+            return
+        self._silence_timer = None
+        self.interrupt("heartbeat_timeout")
+
+
+@dataclass(slots=True)
+class _Suspended:
+    """A send coroutine that was started by hand and is waiting on `waiting_on` (what it
+    yielded: a future, or None for a bare yield). `finish` drives it to its end from a task,
+    passing a cancel (the send timeout) into it."""
+
+    coroutine: Coroutine[Any, Any, None]
+    waiting_on: Any
+
+    async def finish(self) -> None:
+        while True:
             try:
-                await asyncio.wait_for(self.websocket.send_text(frame), self.send_timeout)
-            except TimeoutError:
-                self.kick("slow_consumer")
-                return
-            except Exception:  # the socket is gone; the receive loop notices and cleans up
+                if self.waiting_on is None:
+                    await asyncio.sleep(0)
+                else:
+                    self.waiting_on._asyncio_future_blocking = False
+                    await self.waiting_on
+            except BaseException as exc:  # cancelled (the timeout): the send sees it too
+                try:
+                    self.waiting_on = self.coroutine.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                self.waiting_on = self.coroutine.send(None)
+            except StopIteration:
                 return

@@ -38,9 +38,9 @@ class _Closed(Exception):
         self.code = code
 
 
-async def _receive_text(websocket: WebSocket, timeout: float, max_bytes: int) -> str:
-    """One text frame, or FrameError for binary/oversized frames; TimeoutError on silence."""
-    message = await asyncio.wait_for(websocket.receive(), timeout)
+async def _receive_text(websocket: WebSocket, max_bytes: int) -> str:
+    """One text frame, or FrameError for binary/oversized frames."""
+    message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         raise _Closed(message.get("code"))
     text = message.get("text")
@@ -79,7 +79,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     max_bytes = server.max_frame_bytes
     try:
-        text = await _receive_text(websocket, server.register_timeout.total_seconds(), max_bytes)
+        async with asyncio.timeout(server.register_timeout.total_seconds()):
+            text = await _receive_text(websocket, max_bytes)
         msg = decode_client_message(text)
     except TimeoutError:
         hub.metrics.registrations_refused.labels("register_timeout").inc()
@@ -116,14 +117,17 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     reason = "closed"
     bad_frames = 0
     peer.handler = asyncio.current_task()
+    peer.watch_silence(silence_limit)
+    clock = asyncio.get_running_loop().time
     try:
-        while not peer.abandoned:
+        while peer.interrupted is None:
             try:
                 peer.receiving = True
                 try:
-                    text = await _receive_text(websocket, silence_limit, max_bytes)
+                    text = await _receive_text(websocket, max_bytes)
                 finally:
                     peer.receiving = False
+                peer.last_frame_at = clock()
                 msg = decode_client_message(text)
             except FrameError as exc:
                 hub.metrics.protocol_errors.labels(exc.kind).inc()
@@ -147,16 +151,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 logger.exception("error handling %s client_id=%s", msg.type.value, peer.client_id)
                 hub.metrics.protocol_errors.labels("internal_error").inc()
                 peer.send(error_frame(f"internal error while handling {msg.type.value}"))
-    except TimeoutError:
-        reason = "heartbeat_timeout"
-        peer.kick(reason)
     except asyncio.CancelledError:
-        # Peer._abandon: the client stopped reading and cannot even be sent a close frame.
+        # Peer.interrupt: silence past the limit, or a client that cannot even be sent a close
+        # frame. Any other cancel (the server stopping) goes on up.
         task = asyncio.current_task()
-        if not peer.abandoned or task is None or task.cancelling() != 1:
+        if peer.interrupted is None or task is None or task.cancelling() != 1:
             raise
         task.uncancel()
-        reason = "connection_lost"
+        reason = peer.interrupted
     except _Closed as closed:
         # uvicorn enforces ws_max_size itself and reports its 1009 close as a disconnect; it
         # closes invalid UTF-8 (1007) and broken framing (1002) itself too.
@@ -173,6 +175,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         # Receiving after the server closed the socket (kick) or a broken transport.
         reason = "connection_lost"
     finally:
+        if peer.interrupted == "heartbeat_timeout":
+            reason = peer.interrupted
+            peer.kick(reason)
         await hub.disconnect(peer, peer.close_reason or reason)
         await peer.wait_closed()  # a kick's close carries its code (1007, 1008, 1009): not 1000
         if websocket.application_state is WebSocketState.CONNECTED:

@@ -144,7 +144,6 @@ class TestSenderStop:
                 remote_address=None,
                 send_timeout=30,
             )
-            peer.start()
             peer.send("frame")
             for _ in range(100):
                 if socket.pending is not None:
