@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ccm.ids import new_id
 
 JSONValue = Any
 
@@ -180,8 +181,6 @@ def timestamp() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 # One encoder for every frame: json.dumps with options builds a new encoder per call.

@@ -166,6 +166,16 @@ class TestLogs:
         assert "token=[redacted]" in text
 
 
+    def test_text_time_matches_the_stdlib_form_across_seconds(self) -> None:
+        """The per-second cache of formatTime gives what logging.Formatter gives, also when
+        records cross a second boundary or arrive out of order."""
+        ours, stdlib = TextFormatter(), logging.Formatter()
+        for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_000.5,
+                        1_764_460_800.123):
+            record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+            record.created, record.msecs = created, (created - int(created)) * 1000
+            assert ours.formatTime(record) == stdlib.formatTime(record), created
+
 class TestStatus:
     def test_status_summarises_a_running_server(self, server: ServerThread) -> None:
         """`ccm status --json` reports health, counts and the connected clients."""
