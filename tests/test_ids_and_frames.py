@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from ccm.ids import new_id
-from ccm.protocol import ServerMessageType, TaskStatus, server_frame
+from ccm.protocol import ServerMessageType, TaskStatus, server_frame, timestamp
 
 UUID_TEXT = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -30,3 +31,14 @@ def test_server_frame_carries_a_fresh_response_id_unless_given() -> None:
     assert UUID_TEXT.match(first["response_id"]) and first["response_id"] != second["response_id"]
     given = json.loads(server_frame(ServerMessageType.ERROR, TaskStatus.ERROR, response_id="r-1"))
     assert given["response_id"] == "r-1"
+
+
+def test_timestamp_is_utc_isoformat_of_now() -> None:
+    before = datetime.now(UTC)
+    text = timestamp()
+    after = datetime.now(UTC)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00$", text), text
+    parsed = datetime.fromisoformat(text)
+    assert parsed.utcoffset() == timedelta(0)
+    assert before - timedelta(milliseconds=1) <= parsed <= after + timedelta(milliseconds=1)
+    assert parsed.isoformat() == text  # exactly what datetime would write for that instant

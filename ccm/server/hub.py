@@ -202,7 +202,7 @@ class Hub:
     async def handle(self, peer: Peer, msg: ClientMessage) -> None:
         """Handle one frame of a registered connection (called in frame order)."""
         kind = msg.type
-        self.metrics.count(self.metrics.frames_in, kind.value)
+        self.metrics.frame_in(kind.value)
         if kind is ClientMessageType.HEARTBEAT:
             # Decision D2: a heartbeat grants nothing, so only client_id is checked (Galaxy sends
             # its heartbeats with client_type "device").

@@ -104,7 +104,7 @@ class Peer:
             outbox.append(frame)
         if self.metrics is not None:
             # Frames start with {"type":"<type>", (protocol.server_frame); no JSON parse needed.
-            self.metrics.count(self.metrics.frames_out, frame[9 : frame.find('"', 9)])
+            self.metrics.frame_out(frame[9 : frame.find('"', 9)])
         return True
 
     async def _send_queued(self, first: _Suspended) -> None:
