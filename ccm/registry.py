@@ -13,7 +13,6 @@ import copy
 import itertools
 import logging
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
 from ccm.devices import DeviceConfigs, merge_device_info
 from ccm.errors import DuplicateClientError
+from ccm.ids import new_id
 
 if TYPE_CHECKING:
     from ccm.store import Store
@@ -160,7 +160,7 @@ class ClientConnectionManager:
             transport=transport,
             task_protocol=task_protocol,
             client_id=client_id,
-            connection_id=str(uuid.uuid4()),
+            connection_id=new_id(),
             remote_address=remote_address,
             reported_system_info=reported,
             last_heartbeat_at=now,
@@ -193,7 +193,12 @@ class ClientConnectionManager:
             )
         if old is not None:
             logger.warning("client replaced by takeover client_id=%s", client_id)
-        logger.info("client registered client_id=%s type=%s", client_id, client_type.value)
+        logger.info(
+            "client registered client_id=%s type=%s remote=%s",
+            client_id,
+            client_type.value,
+            remote_address,
+        )
         return info
 
     def remove_client(

@@ -32,6 +32,24 @@ class HandledClientErrors(logging.Filter):
         return True
 
 
+class ConnectionChatter(logging.Filter):
+    """Drops uvicorn's three INFO lines per WebSocket (`[accepted]`, `connection open`,
+    `connection closed`): ccm logs `client registered` (with the remote address) and `client
+    removed` (with the reason) for each connection, and at thousands of connections a minute
+    the duplicates cost a tenth of the server's time (the connect/register/close profile in
+    tests/benchmarks). They are kept when the log level is DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        msg = record.msg
+        return not (
+            msg == "connection open"
+            or msg == "connection closed"
+            or (isinstance(msg, str) and msg.endswith('" [accepted]'))
+        )
+
+
 class CcmServer(uvicorn.Server):
     """uvicorn.Server that closes our WebSockets with 1001 (recorded as `server_shutdown`)
     before uvicorn's own shutdown would close them with its generic code."""
@@ -49,6 +67,12 @@ class CcmServer(uvicorn.Server):
         error_log = logging.getLogger("uvicorn.error")
         if not any(isinstance(f, HandledClientErrors) for f in error_log.filters):
             error_log.addFilter(HandledClientErrors())
+        chatter = [f for f in error_log.filters if isinstance(f, ConnectionChatter)]
+        if error_log.getEffectiveLevel() > logging.DEBUG and not chatter:
+            error_log.filters.insert(0, ConnectionChatter())  # before the redaction's regex
+        elif error_log.getEffectiveLevel() <= logging.DEBUG:
+            for f in chatter:
+                error_log.removeFilter(f)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

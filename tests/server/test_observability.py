@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from ccm.cli import app
 from ccm.logs import ContextFilter, JsonFormatter, TextFormatter, bound
 from ccm.server.auth import RedactTokens
+from ccm.server.serve import ConnectionChatter
 from tests.server.support import API_KEY, AipClient, ServerThread
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {"x": 1}, "tool_type": "action"}])
@@ -165,6 +166,27 @@ class TestLogs:
         assert "super-secret-key" not in text
         assert "token=[redacted]" in text
 
+
+    def test_uvicorn_connection_chatter_is_dropped_at_info_only(self) -> None:
+        """uvicorn's per-WebSocket INFO lines go (ccm logs its own per client); its other
+        lines, and everything at WARNING or above, stay."""
+        chatter = ConnectionChatter()
+
+        def record(level: int, msg: str, *args: object) -> logging.LogRecord:
+            return logging.LogRecord("uvicorn.error", level, __file__, 1, msg, args, None)
+
+        dropped = [
+            record(logging.INFO, "connection open"),
+            record(logging.INFO, "connection closed"),
+            record(logging.INFO, '%s - "WebSocket %s" [accepted]', "127.0.0.1:5", "/ws"),
+        ]
+        kept = [
+            record(logging.INFO, "Uvicorn running on %s://%s:%d", "http", "127.0.0.1", 8000),
+            record(logging.INFO, '%s - "WebSocket %s" 403', "127.0.0.1:5", "/ws"),
+            record(logging.WARNING, "connection closed"),
+        ]
+        assert [chatter.filter(r) for r in dropped] == [False, False, False]
+        assert [chatter.filter(r) for r in kept] == [True, True, True]
 
     def test_text_time_matches_the_stdlib_form_across_seconds(self) -> None:
         """The per-second cache of formatTime gives what logging.Formatter gives, also when
