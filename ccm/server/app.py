@@ -16,14 +16,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import start_http_server
+from starlette.routing import WebSocketRoute
 
 from ccm import __version__
+from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
 from ccm.errors import CcmError
 from ccm.maintenance import run_cleanup
 from ccm.metrics import Metrics
-from ccm.clock import utcnow
 from ccm.registry import ClientConnectionManager
 from ccm.server.api import router as api_router
 from ccm.server.auth import LocalOnlyGuard, is_loopback_bind, resolve_api_key
@@ -162,9 +163,11 @@ def create_app(
     app.state.api_key = key
     app.state.settings = settings
     app.state.metrics = metrics
+    # /ws first, as a plain Starlette route: every connection is matched against the routes
+    # in order, and the endpoint takes the WebSocket itself (no FastAPI dependency solving).
+    app.router.routes.insert(0, WebSocketRoute("/ws", websocket_endpoint))
     app.include_router(api_router)
     app.include_router(dashboard_router)
-    app.add_api_websocket_route("/ws", websocket_endpoint)
 
     @app.exception_handler(CcmError)
     async def _ccm_error(_request: Request, exc: CcmError) -> JSONResponse:
