@@ -8,10 +8,17 @@ batch retried after a database outage applies nothing twice.
 
 from __future__ import annotations
 
+import operator
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
-from sqlalchemy import Executable, and_, bindparam, literal_column, update
+from sqlalchemy import BindParameter, Executable, and_, bindparam, literal_column, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import BindTyping, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from ccm.store.models import LIVE_STATES, clients, connections, server_runs, sessions
 
@@ -144,3 +151,117 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
         "session_ended": (session_end,),
         "run_stopped": (run_stop,),
     }
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Prepared:
+    """One write statement compiled once for one dialect, run with `conn.exec_driver_sql`.
+
+    `bind(params)` turns a write's parameters into exactly the DBAPI parameters that
+    `conn.execute(statement, params)` would send (what `SQLCompiler.construct_params` and the
+    column types' bind processors do: literal values filled in, then each value processed by its
+    type, e.g. the UTC check and SQLite's datetime text, JSON serialised), without the per-call
+    cost of compiled execution (cache lookup, parameter construction, result set-up per row).
+    A missing parameter raises KeyError and a refused value what its processor raises; the
+    writer reports both as a StatementError, as SQLAlchemy does.
+    """
+
+    sql: str
+    positional: bool
+    names: tuple[str, ...]
+    """The DBAPI parameters in order (positional) or by name."""
+    defaults: Mapping[str, Any]
+    """Values of the statement's literal binds (`online=True`, a guard's state...)."""
+    processors: tuple[tuple[Any, Callable[[Any], Any]], ...]
+    """(position or name, bind processor) for each parameter whose type processes it."""
+    getter: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+
+    def bind(self, params: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        values = self.getter({**self.defaults, **params} if self.defaults else params)
+        if self.positional:
+            if not self.processors:
+                return values
+            out = list(values)
+            for i, process in self.processors:
+                out[i] = process(out[i])
+            return tuple(out)
+        row = dict(zip(self.names, values, strict=True))
+        for name, process in self.processors:
+            row[name] = process(row[name])
+        return row
+
+
+def _one_item(name: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """Like `operator.itemgetter(name)`, but a 1-tuple, as itemgetter gives for several names."""
+
+    def getter(params: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (params[name],)
+
+    return getter
+
+
+def prepare(statement: Executable, dialect: Dialect) -> Prepared | None:
+    """`statement` compiled for `dialect` (an initialised one: compile after it has connected),
+    or None if it uses anything `Prepared` does not reproduce: it then runs through
+    `conn.execute`."""
+    compiled = statement.compile(dialect=dialect, for_executemany=True)  # type: ignore[attr-defined]
+    if (
+        not isinstance(compiled, SQLCompiler)
+        or compiled.positional != dialect.positional
+        or dialect.bind_typing is BindTyping.SETINPUTSIZES
+        or compiled.literal_execute_params
+        or compiled.post_compile_params
+        or compiled.escaped_bind_names
+        or compiled.insert_prefetch
+        or compiled.update_prefetch
+        or compiled.schema_translate_map
+        or getattr(compiled, "_insertmanyvalues", None) is not None
+    ):
+        return None
+    binds: dict[str, BindParameter[Any]] = {}
+    for bind, name in compiled.bind_names.items():  # the order construct_params() gives
+        if bind.callable is not None or bind.type._is_tuple_type:
+            return None
+        binds[name] = bind
+    defaults = {name: bind.value for name, bind in binds.items() if not bind.required}
+    if compiled.positional:
+        assert compiled.positiontup is not None
+        names = tuple(compiled.positiontup)
+    else:
+        names = tuple(binds)
+    processors = []
+    for i, name in enumerate(names):
+        bind = binds[name]
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((i if compiled.positional else name, process))
+    getter: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    getter = _one_item(names[0]) if len(names) == 1 else operator.itemgetter(*names)
+    return Prepared(
+        sql=compiled.string,
+        positional=bool(compiled.positional),
+        names=names,
+        defaults=defaults,
+        processors=tuple(processors),
+        getter=getter,
+    )
+
+
+_prepared: weakref.WeakKeyDictionary[Dialect, dict[str, tuple[Prepared | None, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def prepared_for(dialect: Dialect) -> dict[str, tuple[Prepared | None, ...]]:
+    """`statements_for(dialect.name)`, each prepared for this dialect (None: run it as is).
+    Call with a connected engine's dialect: compilation depends on what the server supports."""
+    try:
+        return _prepared[dialect]
+    except KeyError:
+        pass
+    built = {
+        kind: tuple(prepare(statement, dialect) for statement in statements)
+        for kind, statements in statements_for(dialect.name).items()
+    }
+    _prepared[dialect] = built
+    return built

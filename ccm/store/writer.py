@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError, StatementError
 
 from ccm.errors import StoreBacklogFull, StoreUnavailable
-from ccm.store.statements import statements_for
+from ccm.store.statements import Prepared, prepared_for, statements_for
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,77 @@ class Write:
     `ccm.store.statements`), or a custom `apply` function run on the connection.
 
     `key` names the row the write touches; consecutive writes of one kind are sent together
-    (executemany) as long as no key repeats within the group.
+    (executemany) as long as no key repeats within the group. Within a batch, writes of the
+    kinds in `_MOVABLE` may be reordered to make such groups, never changing the final state.
     """
 
     kind: str
     apply: WriteFn | None = None
     params: dict[str, Any] | None = None
     key: str | None = None
+
+
+# Kinds the writer may move within a batch: kind -> (rank, the rows it touches, named by table
+# and the parameter that holds the row's key). A batch is applied as segments, each sorted stably
+# by rank so that writes of one kind run as one executemany (relay traffic interleaves session
+# creates and ends, which would otherwise be groups of one). The order is only changed where that
+# cannot change the result: each write here reads and writes only the rows it names (guarded
+# updates and upserts on primary keys; the one foreign key, connections -> clients, is satisfied
+# by the connect write's own client upsert, run before its connection insert), so writes on
+# different rows commute; and a segment ends before any write whose rank is lower than that of an
+# earlier write on one of its rows, so every row sees its writes in their queued order. Any other
+# kind, or a custom `apply`, is a barrier: nothing moves across it.
+_MOVABLE: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {
+    "connect": (0, (("clients", "p_client_id"), ("connections", "p_connection_id"))),
+    "disconnect": (1, (("clients", "p_client_id"), ("connections", "p_connection_id"))),
+    "session_created": (2, (("sessions", "p_id"),)),
+    "session_started": (3, (("sessions", "p_id"),)),
+    "session_ended": (4, (("sessions", "p_id"),)),
+}
+
+
+_RANKS = 1 + max(rank for rank, _ in _MOVABLE.values())
+
+
+def _reorder(writes: list[Write]) -> list[Write]:
+    """`writes` in the order the writer applies them: grouped by kind where that gives the same
+    final state as applying them one by one in queued order (see `_MOVABLE`)."""
+    out: list[Write] = []
+    by_rank: list[list[Write]] = [[] for _ in range(_RANKS)]
+    """The current segment, stably partitioned by rank."""
+    last_rank: dict[tuple[str, str], int] = {}
+    """Highest rank among the segment's writes on each row."""
+
+    def close() -> None:
+        for bucket in by_rank:
+            out.extend(bucket)
+            bucket.clear()
+        last_rank.clear()
+
+    for write in writes:
+        movable = _MOVABLE.get(write.kind) if write.apply is None else None
+        params = write.params
+        rows: list[tuple[str, str]] = []
+        if movable is not None and params is not None:
+            rank, touched = movable
+            for table, name in touched:
+                key = params.get(name)
+                if type(key) is not str:  # not a plain string key: keep the write in place
+                    break
+                rows.append((table, key))
+            else:
+                for row in rows:
+                    if last_rank.get(row, rank) > rank:
+                        close()  # an earlier write on this row must stay before this one
+                        break
+                for row in rows:
+                    last_rank[row] = rank  # the highest: lower ranks closed the segment
+                by_rank[rank].append(write)
+                continue
+        close()  # a barrier: nothing moves across it
+        out.append(write)
+    close()
+    return out
 
 
 @dataclass(slots=True)
@@ -61,6 +125,15 @@ class WriterStats:
     last_error: str | None
     last_batch_size: int
     last_commit_seconds: float
+
+
+def _bind(prepared: Prepared, params: list[dict[str, Any]]) -> list[Any]:
+    """DBAPI parameters for each row; a value that cannot be bound raises a StatementError, as it
+    does when SQLAlchemy binds it."""
+    try:
+        return [prepared.bind(p) for p in params]
+    except Exception as exc:
+        raise StatementError(str(exc), prepared.sql, None, exc) from exc
 
 
 def _resolve(futures: list[asyncio.Future[None]]) -> None:
@@ -294,7 +367,7 @@ class StoreWriter:
                     if time.monotonic() > deadline:
                         return False
                 time.sleep(self._retry_interval)
-            except Exception as exc:  # the writer thread is an edge: it must never die
+            except Exception as exc:  # noqa: BLE001 - the writer thread is an edge: it must never die
                 # Not transient: one write is bad (refused by the database, or a value that cannot
                 # be bound, which SQLAlchemy raises before the DBAPI is called, or that the driver
                 # cannot even encode). Apply them one by one and drop only the bad one.
@@ -331,6 +404,8 @@ class StoreWriter:
     def _commit(self, writes: list[Write]) -> None:
         with self._engine.begin() as conn:
             statements = statements_for(conn.dialect.name)
+            prepared = prepared_for(conn.dialect)
+            writes = _reorder(writes)
             i = 0
             while i < len(writes):
                 write = writes[i]
@@ -350,8 +425,14 @@ class StoreWriter:
                     keys.add(writes[j].key)
                     j += 1
                 params = [w.params or {} for w in writes[i:j]]
-                for statement in statements[write.kind]:
-                    conn.execute(statement, params if len(params) > 1 else params[0])
+                for statement, fast in zip(
+                    statements[write.kind], prepared[write.kind], strict=True
+                ):
+                    if fast is None:
+                        conn.execute(statement, params if len(params) > 1 else params[0])
+                    else:
+                        rows = _bind(fast, params)
+                        conn.exec_driver_sql(fast.sql, rows if len(rows) > 1 else rows[0])
                 i = j
         self._committed += len(writes)
 

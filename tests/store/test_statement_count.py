@@ -3,7 +3,10 @@
 Counts, with SQLAlchemy cursor and commit events, what the store sends for a burst of relayed
 sessions. Group commit and executemany mean the count must not grow with the number of sessions:
 a per-event ORM write, a statement built per call, or a batch that falls back to row-by-row
-(as an `IN` list bound as an "expanding" parameter did, which executemany refuses) all fail here.
+(as an `IN` list bound as an "expanding" parameter did, which executemany refuses) all fail here,
+and so does a batch whose interleaved kinds (a session's create, then its end, then the next
+session's...) are no longer regrouped into one statement per kind. The writer's prepared
+statements go through `exec_driver_sql`, which fires the same cursor events.
 No timing is involved, so it cannot flake.
 """
 
@@ -120,3 +123,44 @@ class TestStatementsPerRelayedSession:
         store.writer.flush().result(30)
         assert _writes(counter) == [("INSERT", 1), ("UPDATE", 1)]
         assert counter.commits == 2
+
+    def test_interleaved_relay_traffic_is_one_statement_per_kind(
+        self, relay: tuple[Store, ClientConnectionManager, SessionManager], counter: SqlCounter
+    ) -> None:
+        """Sessions created and ended one after the other (as relay traffic queues them), before
+        one flush: the writer regroups the batch, so one INSERT and one UPDATE for all of them,
+        not one pair per session."""
+        store, _, manager = relay
+        for i in range(SESSIONS):
+            manager.create(f"const-1@t{i}", f"dev-{i % 5}", origin=Origin.CONSTELLATION,
+                           mode=Mode.RELAY, constellation_id="const-1", request="noop")
+            manager.complete(f"const-1@t{i}", {"result": i})
+        store.writer.flush().result(30)
+        assert _writes(counter) == [("INSERT", SESSIONS), ("UPDATE", SESSIONS)]
+        assert counter.commits == 1
+
+    def test_connect_session_disconnect_cycles_are_one_statement_per_kind(
+        self, relay: tuple[Store, ClientConnectionManager, SessionManager], counter: SqlCounter,
+        engine: Engine,
+    ) -> None:
+        """Devices that connect, run one session and leave, all before one flush: each write
+        statement runs once for all of them (client upsert, connection insert, connection close,
+        client offline, session insert, session update)."""
+        store, registry, manager = relay
+        for i in range(SESSIONS):
+            registry.add_client(f"cycle-{i}", "linux", object(), ClientType.DEVICE)
+            manager.create(f"cycle-{i}@t", f"cycle-{i}", origin=Origin.DEVICE, mode=Mode.RELAY)
+            manager.complete(f"cycle-{i}@t", None)
+            registry.remove_client(f"cycle-{i}")
+        store.writer.flush().result(30)
+        assert _writes(counter) == [
+            ("INSERT", SESSIONS), ("INSERT", SESSIONS), ("UPDATE", SESSIONS),
+            ("UPDATE", SESSIONS), ("INSERT", SESSIONS), ("UPDATE", SESSIONS),
+        ]
+        assert counter.commits == 1
+        with engine.connect() as conn:
+            done = conn.execute(
+                select(func.count()).select_from(sessions)
+                .where(sessions.c.state == SessionState.COMPLETED.value)
+            ).scalar_one()
+        assert done == SESSIONS
