@@ -174,6 +174,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """User + system CPU time of one thread of a process (the main thread: tid == pid)."""
+    with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * _PAGE
@@ -341,6 +348,10 @@ class Server:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
+
+    def loop_cpu(self) -> float:
+        """CPU time of the main thread, where uvicorn runs the event loop."""
+        return thread_cpu_seconds(self.pid, self.pid)
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
