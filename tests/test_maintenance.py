@@ -260,3 +260,136 @@ def test_second_cleanup_deletes_nothing(engine: Engine, seeded: Seeded) -> None:
     again = run_cleanup(engine, **kwargs)
 
     assert (again.sessions_deleted, again.connections_deleted) == (0, 0)
+
+
+# -- how the batches run -------------------------------------------------------------------------
+
+
+def _finished_rows(n: int, ended_at: Any, *, start: int = 0) -> list[dict[str, Any]]:
+    return [_session_row(start + i, SessionState.COMPLETED, ended_at(i)) for i in range(n)]
+
+
+def test_rows_ending_at_the_same_instant_beyond_a_batch_all_go(engine: Engine) -> None:
+    """Many more rows than a batch with one end time, and rows scattered over years with long
+    gaps between them: every one before the cutoff is deleted, none after it."""
+    same = SESSIONS_CUTOFF - timedelta(days=3)
+    rows = _finished_rows(1300, lambda i: same)
+    rows += _finished_rows(
+        40, lambda i: SESSIONS_CUTOFF - timedelta(days=400 * (i % 4) + i, seconds=i + 1),
+        start=2000,
+    )
+    rows += _finished_rows(20, lambda i: SESSIONS_CUTOFF + timedelta(seconds=i), start=3000)
+    with engine.begin() as conn:
+        conn.execute(insert(sessions), rows)
+
+    report = run_cleanup(engine, sessions_before=SESSIONS_CUTOFF, batch_size=500)
+
+    assert report.sessions_deleted == 1340
+    assert _ids(engine, sessions.c.id) == {f"run-{3000 + i:05d}" for i in range(20)}
+
+
+def test_a_fixed_pause_runs_full_batches(engine: Engine, seeded: Seeded) -> None:
+    """With `pause` given, every batch but the last of a window is `batch_size` rows."""
+    sizes: list[int] = []
+    report = run_cleanup(
+        engine,
+        sessions_before=NOW + timedelta(days=365),
+        batch_size=100,
+        pause=0.0,
+        progress=lambda table, n: sizes.append(n),
+    )
+
+    assert sum(sizes) == report.sessions_deleted == len(FINISHED) * N_SESSIONS // 6
+    assert max(sizes) == 100
+    assert sizes.count(100) >= report.sessions_deleted // 100 - 4  # one short batch per window
+
+
+def test_batch_size_must_be_positive(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        run_cleanup(engine, sessions_before=SESSIONS_CUTOFF, batch_size=0)
+
+
+@pytest.fixture
+def sqlite_engine(engine: Engine) -> Engine:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's write lock and pragmas")
+    return engine
+
+
+def _pragmas(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            name: int(conn.exec_driver_sql(f"PRAGMA {name}").scalar_one())
+            for name in ("cache_size", "wal_autocheckpoint")
+        }
+
+
+def test_sqlite_connection_settings_are_put_back(sqlite_engine: Engine, seeded: Seeded) -> None:
+    """The cleanup's page cache and checkpoint settings do not stay on the pooled connection."""
+    before = _pragmas(sqlite_engine)
+    run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=500)
+
+    assert _pragmas(sqlite_engine) == before == {"cache_size": -2000, "wal_autocheckpoint": 1000}
+
+
+def test_sqlite_batches_grow_while_nobody_else_writes(sqlite_engine: Engine) -> None:
+    """Alone on the database, the cleanup soon runs batches of `batch_size`."""
+    with sqlite_engine.begin() as conn:
+        conn.execute(insert(sessions), _finished_rows(4000, lambda i: SESSIONS_CUTOFF - timedelta(
+            days=1, seconds=i)))
+    sizes: list[int] = []
+    run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=400,
+                progress=lambda table, n: sizes.append(n))
+
+    assert sum(sizes) == 4000
+    assert sizes.count(400) >= 3
+
+
+def test_sqlite_batches_stay_short_while_another_connection_writes(
+    sqlite_engine: Engine, database_url: str
+) -> None:
+    """While another connection keeps committing, each batch holds the write lock only a few
+    milliseconds: batches stay far below `batch_size`, and the other writer's commits go on
+    throughout (none waits anywhere near as long as one full batch takes)."""
+    import threading
+    import time
+
+    from ccm.store.engine import make_engine
+
+    with sqlite_engine.begin() as conn:
+        conn.execute(insert(sessions), _finished_rows(3000, lambda i: SESSIONS_CUTOFF - timedelta(
+            days=1, seconds=i)))
+        conn.execute(insert(clients), [{
+            "client_id": "writer", "client_type": "device", "first_seen_at": NOW,
+            "last_seen_at": NOW, "online": True,
+        }])
+    other = make_engine(database_url)
+    stop = threading.Event()
+    waits: list[float] = []
+
+    def write() -> None:
+        tick = 0
+        while not stop.is_set():
+            tick += 1  # a new value each time: SQLite commits nothing for an unchanged row
+            started = time.perf_counter()
+            with other.begin() as conn:
+                conn.execute(clients.update().values(last_seen_at=NOW + timedelta(seconds=tick)))
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    sizes: list[int] = []
+    try:
+        time.sleep(0.05)
+        run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=3000,
+                    progress=lambda table, n: sizes.append(n))
+    finally:
+        stop.set()
+        writer.join()
+        other.dispose()
+
+    assert sum(sizes) == 3000
+    assert max(sizes) < 1000
+    assert len(waits) > 50
+    assert sorted(waits)[len(waits) // 2] < 0.05  # the median commit did not wait on cleanup

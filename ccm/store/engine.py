@@ -1,4 +1,5 @@
-"""make_engine(url): SQLite pragmas (WAL, synchronous, foreign keys) and Postgres pool options."""
+"""make_engine(url): SQLite pragmas (WAL, synchronous, foreign keys); Postgres pool options and
+connection timeouts."""
 
 from __future__ import annotations
 
@@ -41,7 +42,29 @@ def make_engine(
         _install_sqlite_pragmas(engine, sqlite_synchronous)
         return engine
     kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    if parsed.get_driver_name() in {"psycopg", "psycopg2"}:  # libpq options
+        # What the URL does not set itself (its query string wins).
+        kwargs["connect_args"] = {
+            name: value for name, value in POSTGRES_CONNECT_ARGS.items() if name not in parsed.query
+        }
     return create_engine(parsed, **kwargs)
+
+
+POSTGRES_CONNECT_ARGS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq options for every Postgres connection, so a network partition fails a connection in
+about a minute instead of the kernel's defaults (two hours of silence before the first keepalive
+probe; about 15 minutes of retransmissions for a request the server never acknowledged): a
+connection attempt gives up after `connect_timeout` seconds; an idle connection, or one waiting
+for a reply, is probed after 30 s of silence and dropped after 3 unanswered probes 10 s apart;
+data sent but unacknowledged for `tcp_user_timeout` ms (a COMMIT into a partition) drops the
+connection. The store writer then sees an error and retries, instead of hanging its thread."""
 
 
 def _install_sqlite_pragmas(engine: Engine, synchronous: SqliteSynchronous) -> None:
