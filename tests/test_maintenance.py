@@ -329,7 +329,7 @@ def test_sqlite_connection_settings_are_put_back(sqlite_engine: Engine, seeded: 
     before = _pragmas(sqlite_engine)
     run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=500)
 
-    assert _pragmas(sqlite_engine) == before == {"cache_size": -2000, "wal_autocheckpoint": 1000}
+    assert _pragmas(sqlite_engine) == before == {"cache_size": -65536, "wal_autocheckpoint": 1000}
 
 
 def test_sqlite_batches_grow_while_nobody_else_writes(sqlite_engine: Engine) -> None:

@@ -75,4 +75,8 @@ def _install_sqlite_pragmas(engine: Engine, synchronous: SqliteSynchronous) -> N
         cursor.execute(f"PRAGMA synchronous={SqliteSynchronous(synchronous).value}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        # A session row goes into seven B-trees (table, primary key, six indexes), several at
+        # random places; SQLite's default 2 MB page cache misses on them once the file outgrows
+        # it. Pages are only cached as they are read, so a small database stays small in memory.
+        cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
