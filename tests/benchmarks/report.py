@@ -275,59 +275,52 @@ def _details(results: dict[str, Any]) -> list[str]:
 
 LIMITS = """## What limits the missed targets
 
-The table's figures are this run's. Ranges quoted below span the full runs made while building
-this suite on the same shared machine (load average 1.5 to 3 on its two cores); the per-thread
-and per-commit figures were measured then too.
+The table's figures are this run's. The ranges below span the runs made while working on each
+limit on the same shared two-core machine, where other test runs compete for the cores (a run's
+repeats can differ by 50%): compare ratios and CPU per operation, which move less than rates.
 
-- **Relay throughput (12,000 tasks/s) and p99 (15 ms at 64 in flight).** The bound is CPython
-  work per frame on one event loop. A task is two frames in and four out, each through Starlette,
-  uvicorn's websockets-sansio protocol and asyncio; the relay profile above spreads the time over
-  frame receive/parse, frame build, send, asyncio machinery, logging (two INFO lines per session)
-  and ccm's own logic, none dominant. In memory ccm spends 500 to 670 µs of CPU per task, so one
-  core gives 1,500 to 2,000 tasks/s; 12,000 would need about 80 µs. The load generator, also
-  Python, needs about 200 µs per task: at 12,000 tasks/s it alone would need more than the
-  machine's two cores, so the target cannot even be offered here. With 64 sessions in flight the
-  latency is 64 / throughput, so p99 ≤ 15 ms needs roughly 5,000 tasks/s.
-- **SQLite at ≥ 85% of in-memory (53% to 59% in the full runs).** Persistence roughly doubles the
-  server's CPU per task (server CPU column). Split per thread with /proc at about 650 tasks/s:
-  the store writer thread used about 430 µs per task and the event-loop thread about 270 µs more
-  than in memory. The writer shares the GIL with the event loop and every sqlite3 call releases
-  and takes it again; a SQLite commit costs about 0.45 ms here (WAL frames for the table and its
-  indexes), and with 64 sessions in flight a batch holds only 6 to 10 writes, so commits are
-  frequent. Group commit is in place (one transaction per batch, one event-loop wake-up per batch
-  for all its waiters); a commit delay of 1 to 10 ms to grow the batches was tried and gave no
-  measurable gain at this load, so it was left out. Beating this needs the writer out of the
-  server's process (or a C-level batch API), not more Python tuning.
-- **Peer ratio (≥ 1.0× the seed server; 0.3× to 1.05× per phase in the full runs).** ccm's server
-  CPU per operation is 1.6 to 2.3 times the seed's (row above). The peer profile shows where:
-  asyncio tasks and queues (an `asyncio.wait_for` task per received frame and per sent frame, and
-  the switch to each peer's sender task), frame parsing (pydantic plus the NUL/surrogate guard),
-  frame building and the outbox. These buy the slow-consumer protection, identity checks,
-  persisted registrations and metrics that the seed server lacks. Replacing both `wait_for` calls
-  with `asyncio.timeout` cut relay CPU per task by about 8% and raised heartbeats/s by about 10%
-  in a trial, but it changes the scheduling that the protocol-error close relies on (the queued
-  ERROR frames were dropped before the close), so it waits for a fix in the ordering of
-  `Peer.kick` and `Hub.disconnect`.
-- **Memory per idle connection (≤ 40 KB; about 44 KB).** The seed server, with nothing of ccm's,
-  already takes about 37 KB per connection (uvicorn's protocol object, the Starlette/FastAPI
-  middleware frames and exit stack of each connection). ccm adds its peer outbox (an
-  `asyncio.Queue`: three deques and an event, about 3 KB by tracemalloc), the sender task and the
-  receive-timeout task. Removed while building this suite: two extra copies of each device's
-  system info, the REGISTER frame kept alive for the life of the connection, and the decoded
-  headers kept by the loopback guard (48.6 KB → about 44 KB). A lazily started sender (no task
-  and no queue while a connection is idle) would save most of the rest.
-- **Cleanup on SQLite (≥ 100,000 rows/s, p99 up ≤ 20%).** Deleting a session removes it from the
-  table and each of its indexes; SQLite does that at about 27,000 rows/s here. SQLite has one
-  write lock and a waiting writer only polls for it, backing off to 100 ms: a cleanup process
-  that took the lock again right after each commit starved the server's writer, and the relay
-  p99 went from 27 ms to 2 s. `run_cleanup` now rests between batches on SQLite as long as each
-  batch took, which lets the server commit in between (about 12,000 rows/s, p99 about 0.4 s).
-  For SQLite deployments: run cleanup off-peak, or with a smaller `--batch-size`.
-- **Cleanup on PostgreSQL.** Row locks and MVCC deletes: the server's writes never wait on the
-  cleanup. The deletion rate was 83,000 to 119,000 rows/s over the runs and the relay p99 moved
-  by −26% to +1,370%: the postgres backend deleting takes most of a core, and on two shared cores
-  that CPU comes out of the relay server and the load generator, so the p99 follows the
-  machine's other load rather than any lock.
+- **Relay throughput (12,000 tasks/s) and p99 (15 ms at 64 in flight).** In memory the bound is
+  CPython work per frame on the one event-loop thread: 500 to 590 µs of server CPU per task
+  (670 before this round: per-frame `wait_for` tasks, the per-connection sender task and queue,
+  the unstorable-value regex, a `uuid4` system call per id and prometheus locks per frame are
+  gone). A task is two frames in and four out, each through uvicorn's websockets-sansio protocol,
+  Starlette and JSON; the socket write inside uvicorn's `send` alone is 11% to 40% of the loop's
+  samples. 12,000 tasks/s would need about 80 µs per task, and the Python load generator alone
+  needs 200 to 320 µs per task, more than the machine's two cores at that rate. With 64 sessions
+  in flight the mean latency is 64 / throughput (Little's law), so a 15 ms p99 needs well over
+  4,300 tasks/s.
+- **SQLite at ≥ 85% of in-memory (73% in this run, 65% to 87% per repeat over the round; 53%
+  before it).** With persistence the event-loop thread is no longer the bound: it is busy 45% to
+  75% of the time against 70% to 88% in memory (the "event-loop thread busy" note). Sessions wait
+  on commits: by the durability promise in README a session is acknowledged only after its row
+  is committed and a `completed` TASK_END goes out only after the final state is, so each task
+  has two group commits on its critical path. Scraped `ccm_store_commit_seconds` at this load:
+  about 2 to 4 ms per commit of 10 to 15 writes; a session row goes into seven B-trees (table,
+  primary key, six audit and cleanup indexes) and the writer thread shares the GIL with the
+  loop. Done: receive loops no longer wait for commits (a connection's sessions share one), the
+  writer groups a batch into one executemany per kind with driver SQL compiled once (writer CPU
+  per session 220 → 59 µs in bench_writer), a 64 MB page cache. Tried without effect: a 0.5 ms
+  GIL switch interval (three interleaved runs), a commit delay to grow batches. What is left:
+  sending the TASK to the device before the commit (it would break the promise that every
+  session a device runs has its row), or a writer out of the server's process.
+- **Peer ratio (≥ 1.0× the seed server; 0.87× to 0.93× in this run, 0.73× to 1.21× per phase
+  over the round).** Server CPU per operation went from 1.6-2.0× the seed's to 1.3×. What ccm
+  still does that the seed does not: the identity check and liveness stamp on every frame, frame
+  and registration metrics, a registry with indexes, and persisting every connect and disconnect
+  (the writer's SQL runs in the same process). Heartbeats and device-info replies come within
+  about 10% of the seed, and above it in some repeats; connect/register/close cycles pay for two
+  SQL writes each and for uvicorn's handshake, which the seed shares.
+- **Cleanup on SQLite (≥ 100,000 rows/s with the live p99 up ≤ 20%).** Both cannot hold on
+  SQLite: it has one write lock, and a writer that finds it taken sleeps up to 100 ms between
+  tries. `run_cleanup` now keeps the server's p99 (met in this run) by holding the lock about
+  2 ms per batch and resting about three times as long while another connection writes, which
+  deletes about 1,000 to 2,000 rows/s; alone on the database its batches grow (15,000 to 20,000
+  rows/s in the cleanup's own measurements). Deleting a row updates seven B-trees. For SQLite deployments: run the
+  cleanup often (each run is then small) or off-peak; use PostgreSQL for large fleets.
+- **Cleanup on PostgreSQL.** Deletion ran at 102,000 rows/s in this run (83,000 before; rows
+  by ctid, windows of the end-time index). Row locks mean the server never waits on it, but the
+  delete's CPU and WAL come out of the same two cores as the server and the load generator; the
+  job rests half as long as each batch took, and the p99 moved by +22% in this run (+91% before).
 """
 
 
