@@ -325,7 +325,8 @@ def _pragmas(engine: Engine) -> dict[str, int]:
 
 
 def test_sqlite_connection_settings_are_put_back(sqlite_engine: Engine, seeded: Seeded) -> None:
-    """The cleanup's page cache and checkpoint settings do not stay on the pooled connection."""
+    """The cleanup turns SQLite's automatic WAL checkpoint off for its own connection, and on
+    again before that connection goes back to the pool; nothing else is changed."""
     before = _pragmas(sqlite_engine)
     run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=500)
 

@@ -52,10 +52,12 @@ def fill(engine: Engine, *, sessions: int, connections: int, devices: int = 1000
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
+        cache_size = None
         if pg:
             cur.execute("SET maintenance_work_mem = '256MB'")
         else:
             # The primary keys are scattered (like uuid4): keep their index in memory.
+            cache_size = cur.execute("PRAGMA cache_size").fetchone()[0]
             cur.execute("PRAGMA cache_size = -262144")
         clients_sql, sessions_sql, connections_sql = _pg_sql() if pg else _sqlite_sql()
         cur.execute(clients_sql, {"lo": 0, "hi": devices, "t0": epoch, "step": 0.0, "dev": devices}
@@ -74,8 +76,8 @@ def fill(engine: Engine, *, sessions: int, connections: int, devices: int = 1000
             timings[f"{table}_s"] = time.perf_counter() - t0
             timings[f"{table}_rows_per_s"] = total / timings[f"{table}_s"] if total else 0.0
         raw.commit()
-        if not pg:
-            cur.execute("PRAGMA cache_size = -2000")  # the default, for the pool's next user
+        if cache_size is not None:
+            cur.execute(f"PRAGMA cache_size = {int(cache_size)}")  # for the pool's next user
     finally:
         raw.close()
     t1 = time.perf_counter()
