@@ -101,6 +101,17 @@ async def _until_task_end(ws: RawWs, timeout: float) -> dict[str, Any]:
             return frame
 
 
+async def _alive_until_task_end(ws: RawWs, client_id: str, timeout: float) -> dict[str, Any]:
+    """Wait for a TASK_END on a live client that heartbeats meanwhile: one that stays silent as
+    long as the frozen peer would expire too, and may go first (its last frame can be the
+    earlier one: the frozen client heartbeats every 0.5 s until it is stopped)."""
+    waiting = asyncio.create_task(_until_task_end(ws, timeout))
+    while not waiting.done():
+        await ws.send_json(type="heartbeat", client_id=client_id)
+        await asyncio.wait([waiting], timeout=0.5)
+    return waiting.result()
+
+
 def test_frozen_device_and_frozen_constellation_expire(
     serve: Callable[..., ServeProcess],
     frozen: Callable[..., Frozen],
@@ -126,7 +137,7 @@ def test_frozen_device_and_frozen_constellation_expire(
             assert (ack["type"], ack["session_id"]) == ("heartbeat", "hb-s1")
             device.wait_for("frame")  # the task reached the device
             device_last = await asyncio.to_thread(device.freeze)
-            told_con = await _until_task_end(con, LIMIT + MARGIN + 5)
+            told_con = await _alive_until_task_end(con, "hb-con-1@hb-dev-1", LIMIT + MARGIN + 5)
 
             # 2. A live device here; a frozen constellation with a session on it.
             dev2 = await pool.connect()
@@ -137,15 +148,7 @@ def test_frozen_device_and_frozen_constellation_expire(
             assert task["type"] == "task"
             con_last = await asyncio.to_thread(con2.freeze)
 
-            async def keep_alive() -> dict[str, Any]:
-                # dev2 must not expire itself meanwhile: it heartbeats while it waits.
-                waiting = asyncio.create_task(_until_task_end(dev2, LIMIT + MARGIN + 5))
-                while not waiting.done():
-                    await dev2.send_json(type="heartbeat", client_id="hb-dev-2")
-                    await asyncio.wait([waiting], timeout=0.5)
-                return waiting.result()
-
-            told_dev = await keep_alive()
+            told_dev = await _alive_until_task_end(dev2, "hb-dev-2", LIMIT + MARGIN + 5)
             return {
                 "device_last": device_last,
                 "told_con": told_con,
