@@ -462,6 +462,10 @@ class Hub:
         if self.registry.store is None:
             await work
             return
+        self._hold(work)
+
+    def _hold(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in a task kept in `_held` until it ends (shutdown waits for these)."""
         task = asyncio.get_running_loop().create_task(work)
         self._held.add(task)
         task.add_done_callback(self._held.discard)
@@ -602,11 +606,7 @@ class Hub:
             # The database is away. A client told `completed` relies on the result, so that
             # task_end waits until the state is committed (a crash before then must not leave
             # SQL saying otherwise); the connection meanwhile goes on serving other frames.
-            held = asyncio.create_task(
-                self._send_when_durable(recipients, frame), name="ccm-held-task-end"
-            )
-            self._held.add(held)
-            held.add_done_callback(self._held.discard)
+            self._hold(self._send_when_durable(recipients, frame))
         if session.mode is Mode.RELAY and session.started_at is not None:
             self.metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
 

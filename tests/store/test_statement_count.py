@@ -103,12 +103,7 @@ class TestStatementsPerRelayedSession:
         store.writer.flush().result(30)
         assert _writes(counter) == [("UPDATE", SESSIONS)]
         assert counter.commits == 1
-        with engine.connect() as conn:
-            done = conn.execute(
-                select(func.count()).select_from(sessions)
-                .where(sessions.c.state == SessionState.COMPLETED.value)
-            ).scalar_one()
-        assert done == SESSIONS
+        assert _completed(engine) == SESSIONS
 
     def test_a_whole_relayed_session_costs_two_statements_at_most(
         self, relay: tuple[Store, ClientConnectionManager, SessionManager], counter: SqlCounter
@@ -158,9 +153,13 @@ class TestStatementsPerRelayedSession:
             ("UPDATE", SESSIONS), ("INSERT", SESSIONS), ("UPDATE", SESSIONS),
         ]
         assert counter.commits == 1
-        with engine.connect() as conn:
-            done = conn.execute(
-                select(func.count()).select_from(sessions)
-                .where(sessions.c.state == SessionState.COMPLETED.value)
-            ).scalar_one()
-        assert done == SESSIONS
+        assert _completed(engine) == SESSIONS
+
+
+def _completed(engine: Engine) -> int:
+    """Sessions in state `completed` in the database."""
+    with engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).select_from(sessions)
+            .where(sessions.c.state == SessionState.COMPLETED.value)
+        ).scalar_one()
