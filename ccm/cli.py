@@ -205,7 +205,9 @@ def db_downgrade(
 
 
 @db_app.command("current")
-def db_current(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def db_current(
+    config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show the database's revision and the code's head."""
     settings = _settings(config, database_url)
     current = _current_revision(settings)
@@ -218,12 +220,16 @@ def db_current(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: J
 
 
 @db_app.command("check")
-def db_check(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def db_check(
+    config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False
+) -> None:
     """Fail if the database is not at head or the models differ from the migrations."""
     settings = _settings(config, database_url)
     current, head = _current_revision(settings), migrate.head_revision()
     if current != head:
-        raise CcmError(f"database is at {current or '(empty)'}, head is {head}: run `ccm db upgrade`")
+        raise CcmError(
+            f"database is at {current or '(empty)'}, head is {head}: run `ccm db upgrade`"
+        )
     migrate.check(settings.database_url)
     if as_json:
         _print_json({"current": current, "head": head, "matches_models": True})
@@ -276,7 +282,9 @@ def cleanup(
             dry_run=dry_run,
         )
     else:
-        plan = plan_cleanup(engine, sessions_before=sessions_cut, connections_before=connections_cut)
+        plan = plan_cleanup(
+            engine, sessions_before=sessions_cut, connections_before=connections_cut
+        )
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -318,7 +326,9 @@ def cleanup(
 
 
 @audit_app.command("online")
-def audit_online(config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def audit_online(
+    config: ConfigOpt = None, database_url: UrlOpt = None, as_json: JsonOpt = False
+) -> None:
     """Who is online now (as recorded in SQL)."""
     from ccm.store.repository import read_online_clients
 
@@ -360,7 +370,13 @@ def audit_connections(
         f"connections of {client_id}",
         ["connected", "disconnected", "reason", "remote", "connection_id"],
         [
-            [r.connected_at, r.disconnected_at, r.disconnect_reason, r.remote_address, r.connection_id]
+            [
+                r.connected_at,
+                r.disconnected_at,
+                r.disconnect_reason,
+                r.remote_address,
+                r.connection_id,
+            ]
             for r in rows
         ],
     )
@@ -474,7 +490,13 @@ def status(
         "connected clients",
         ["client_id", "type", "platform", "connected", "last heartbeat"],
         [
-            [c["client_id"], c["client_type"], c["platform"], c["connected_at"], c["last_heartbeat_at"]]
+            [
+                c["client_id"],
+                c["client_type"],
+                c["platform"],
+                c["connected_at"],
+                c["last_heartbeat_at"],
+            ]
             for c in clients["clients"]
         ],
     )
@@ -595,4 +617,3 @@ def main() -> None:
     except CcmError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise SystemExit(1) from None
-

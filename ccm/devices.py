@@ -35,7 +35,9 @@ def load_device_configs(path: Path) -> dict[str, JSONDict]:
     if data is None:
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict):
-        raise ConfigError(f"{path}: expected a top-level 'devices:' mapping of device id to settings")
+        raise ConfigError(
+            f"{path}: expected a top-level 'devices:' mapping of device id to settings"
+        )
     devices = data.get("devices") or {}
     result: dict[str, JSONDict] = {}
     for device_id, entry in devices.items():

@@ -167,9 +167,7 @@ def run_cleanup(
         deleted_connections = _delete_finished(
             engine, _CONNECTIONS, connections_before, batch_size, progress, pause
         )
-    logger.info(
-        "cleanup deleted sessions=%d connections=%d", deleted_sessions, deleted_connections
-    )
+    logger.info("cleanup deleted sessions=%d connections=%d", deleted_sessions, deleted_connections)
     return CleanupReport(deleted_sessions, deleted_connections, dry_run=False)
 
 
@@ -430,7 +428,6 @@ def _pacer(
         yield _PostgresPacer(conn, batch_size, pause, rest_ratio=_POSTGRES_REST_RATIO)
     else:
         yield _Pacer(conn, batch_size, pause)
-
 
 
 @contextmanager

@@ -101,7 +101,10 @@ class Metrics:
             "ccm_registrations_refused", "Refused registrations.", ["reason"], registry=r
         )
         self.disconnects = Counter(
-            "ccm_disconnects", "Registered connections that ended, by reason.", ["reason"], registry=r
+            "ccm_disconnects",
+            "Registered connections that ended, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.sessions_started = Counter(
             "ccm_sessions_started", "Sessions started.", ["mode", "origin"], registry=r

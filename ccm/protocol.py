@@ -207,8 +207,6 @@ def _second_text(second: int) -> str:
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-
-
 # One encoder for every frame: json.dumps with options builds a new encoder per call.
 _FRAME_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 _epochs = itertools.count(1)
 
 
-class ClientType(str, Enum):
+class ClientType(StrEnum):
     """The role a client registered with."""
 
     DEVICE = "device"
@@ -512,9 +512,9 @@ class ClientConnectionManager:
         self._by_type[info.client_type][info.client_id] = None
         if info.client_type is not ClientType.DEVICE:
             return
-        self._devices_by_platform.setdefault((info.platform or "").lower(), {})[
-            info.client_id
-        ] = None
+        self._devices_by_platform.setdefault((info.platform or "").lower(), {})[info.client_id] = (
+            None
+        )
         self._index_system_info(info)
 
     def _index_system_info(self, info: ClientInfo) -> None:

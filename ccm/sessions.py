@@ -104,7 +104,9 @@ class SessionManager:
         if self._store is not None:
             self._store.writer.reserve()
         now = self._clock()
-        owner = constellation_id if origin is Origin.CONSTELLATION and constellation_id else device_id
+        owner = (
+            constellation_id if origin is Origin.CONSTELLATION and constellation_id else device_id
+        )
         session = LiveSession(
             id=new_id(),
             session_id=session_id,

@@ -13,7 +13,9 @@ target_metadata = Base.metadata
 
 
 def _database_url() -> str:
-    url = config.attributes.get("database_url") or context.get_x_argument(as_dictionary=True).get("url")
+    url = config.attributes.get("database_url") or context.get_x_argument(as_dictionary=True).get(
+        "url"
+    )
     if not url:
         from ccm.config import load_settings
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -86,12 +87,12 @@ class TestYamlFile:
     def test_missing_named_file_names_the_file(self, tmp_path: Path):
         """A named file that does not exist fails with ConfigError naming it."""
         path = tmp_path / "absent.yaml"
-        with pytest.raises(ConfigError, match="absent.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("absent.yaml")):
             load_settings(path, environ={})
 
     def test_missing_file_named_by_env_fails(self, tmp_path: Path):
         """A CCM_CONFIG pointing nowhere fails naming the file."""
-        with pytest.raises(ConfigError, match="gone.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("gone.yaml")):
             load_settings(environ={"CCM_CONFIG": str(tmp_path / "gone.yaml")})
 
     def test_yaml_syntax_error_names_file_and_line(self, tmp_path: Path):
@@ -107,7 +108,7 @@ class TestYamlFile:
     def test_top_level_must_be_mapping(self, tmp_path: Path):
         """A YAML list at top level fails naming the file."""
         path = write(tmp_path, "- a\n- b\n")
-        with pytest.raises(ConfigError, match="ccm.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("ccm.yaml")):
             load_settings(path, environ={})
 
     def test_unknown_key_is_named(self, tmp_path: Path):

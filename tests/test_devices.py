@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ class TestLoadDeviceConfigs:
     def test_missing_file_names_the_file(self, tmp_path: Path):
         """A missing file raises ConfigError naming it."""
         path = tmp_path / "nope.yaml"
-        with pytest.raises(ConfigError, match="nope.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("nope.yaml")):
             load_device_configs(path)
 
     def test_malformed_yaml_names_file_and_line(self, tmp_path: Path):
@@ -186,7 +187,7 @@ class TestLoadDeviceConfigs:
         """A top-level devices list raises ConfigError naming the file."""
         path = tmp_path / "devices.yaml"
         path.write_text("devices:\n  - d1\n")
-        with pytest.raises(ConfigError, match="devices.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("devices.yaml")):
             load_device_configs(path)
 
     def test_tags_must_be_list_of_strings(self, tmp_path: Path):
@@ -248,7 +249,7 @@ class TestRegistryMerge:
 
     def test_constructor_with_missing_file_raises(self, tmp_path: Path):
         """ClientConnectionManager with a missing device config path raises ConfigError."""
-        with pytest.raises(ConfigError, match="absent.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("absent.yaml")):
             ClientConnectionManager(tmp_path / "absent.yaml")
 
 
@@ -271,7 +272,7 @@ class TestDeviceConfigsReload:
         path.write_text("devices:\n  d1:\n    tier: standard\n")
         configs = DeviceConfigs(path)
         path.write_text("devices:\n  d1: [unclosed\n")
-        with pytest.raises(ConfigError, match="devices.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("devices.yaml")):
             configs.reload()
         assert configs.get("d1") == {"tier": "standard"}
 
@@ -297,10 +298,7 @@ class TestRegistryReload:
     def path(self, tmp_path: Path) -> Path:
         path = tmp_path / "devices.yaml"
         path.write_text(
-            "devices:\n"
-            "  d1:\n"
-            "    tags: [old_tag]\n"
-            "    additional_features: [old_feature]\n"
+            "devices:\n  d1:\n    tags: [old_tag]\n    additional_features: [old_feature]\n"
         )
         return path
 
@@ -362,7 +360,7 @@ class TestRegistryReload:
         register(manager, "d1", {"supported_features": ["base"]})
         before = manager.get_device_system_info("d1")
         path.write_text("devices:\n  d1:\n    tags: [unclosed\n")
-        with pytest.raises(ConfigError, match="devices.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("devices.yaml")):
             manager.reload_device_config()
         assert manager.get_device_system_info("d1") == before
         assert manager.find_devices_with_tag("old_tag") == ["d1"]
@@ -375,7 +373,7 @@ class TestRegistryReload:
         manager = ClientConnectionManager(path)
         register(manager, "d1", {"supported_features": ["base"]})
         path.unlink()
-        with pytest.raises(ConfigError, match="devices.yaml"):
+        with pytest.raises(ConfigError, match=re.escape("devices.yaml")):
             manager.reload_device_config()
         assert manager.find_devices_with_tag("old_tag") == ["d1"]
 

@@ -19,7 +19,8 @@ def test_new_id_is_a_random_version_4_uuid_in_canonical_text() -> None:
     for text in ids:
         assert UUID_TEXT.match(text), text
         parsed = uuid.UUID(text)
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == text
     # Every variant digit shows up: the two random bits below the variant are not stuck.
     assert {text[19] for text in ids} == set("89ab")
@@ -28,7 +29,8 @@ def test_new_id_is_a_random_version_4_uuid_in_canonical_text() -> None:
 def test_server_frame_carries_a_fresh_response_id_unless_given() -> None:
     first = json.loads(server_frame(ServerMessageType.HEARTBEAT, TaskStatus.OK))
     second = json.loads(server_frame(ServerMessageType.HEARTBEAT, TaskStatus.OK))
-    assert UUID_TEXT.match(first["response_id"]) and first["response_id"] != second["response_id"]
+    assert UUID_TEXT.match(first["response_id"])
+    assert first["response_id"] != second["response_id"]
     given = json.loads(server_frame(ServerMessageType.ERROR, TaskStatus.ERROR, response_id="r-1"))
     assert given["response_id"] == "r-1"
 

@@ -275,7 +275,8 @@ def test_rows_ending_at_the_same_instant_beyond_a_batch_all_go(engine: Engine) -
     same = SESSIONS_CUTOFF - timedelta(days=3)
     rows = _finished_rows(1300, lambda i: same)
     rows += _finished_rows(
-        40, lambda i: SESSIONS_CUTOFF - timedelta(days=400 * (i % 4) + i, seconds=i + 1),
+        40,
+        lambda i: SESSIONS_CUTOFF - timedelta(days=400 * (i % 4) + i, seconds=i + 1),
         start=2000,
     )
     rows += _finished_rows(20, lambda i: SESSIONS_CUTOFF + timedelta(seconds=i), start=3000)
@@ -336,11 +337,17 @@ def test_sqlite_connection_settings_are_put_back(sqlite_engine: Engine, seeded: 
 def test_sqlite_batches_grow_while_nobody_else_writes(sqlite_engine: Engine) -> None:
     """Alone on the database, the cleanup soon runs batches of `batch_size`."""
     with sqlite_engine.begin() as conn:
-        conn.execute(insert(sessions), _finished_rows(4000, lambda i: SESSIONS_CUTOFF - timedelta(
-            days=1, seconds=i)))
+        conn.execute(
+            insert(sessions),
+            _finished_rows(4000, lambda i: SESSIONS_CUTOFF - timedelta(days=1, seconds=i)),
+        )
     sizes: list[int] = []
-    run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=400,
-                progress=lambda table, n: sizes.append(n))
+    run_cleanup(
+        sqlite_engine,
+        sessions_before=SESSIONS_CUTOFF,
+        batch_size=400,
+        progress=lambda table, n: sizes.append(n),
+    )
 
     assert sum(sizes) == 4000
     assert sizes.count(400) >= 3
@@ -358,12 +365,22 @@ def test_sqlite_batches_stay_short_while_another_connection_writes(
     from ccm.store.engine import make_engine
 
     with sqlite_engine.begin() as conn:
-        conn.execute(insert(sessions), _finished_rows(3000, lambda i: SESSIONS_CUTOFF - timedelta(
-            days=1, seconds=i)))
-        conn.execute(insert(clients), [{
-            "client_id": "writer", "client_type": "device", "first_seen_at": NOW,
-            "last_seen_at": NOW, "online": True,
-        }])
+        conn.execute(
+            insert(sessions),
+            _finished_rows(3000, lambda i: SESSIONS_CUTOFF - timedelta(days=1, seconds=i)),
+        )
+        conn.execute(
+            insert(clients),
+            [
+                {
+                    "client_id": "writer",
+                    "client_type": "device",
+                    "first_seen_at": NOW,
+                    "last_seen_at": NOW,
+                    "online": True,
+                }
+            ],
+        )
     other = make_engine(database_url)
     stop = threading.Event()
     waits: list[float] = []
@@ -383,8 +400,12 @@ def test_sqlite_batches_stay_short_while_another_connection_writes(
     sizes: list[int] = []
     try:
         time.sleep(0.05)
-        run_cleanup(sqlite_engine, sessions_before=SESSIONS_CUTOFF, batch_size=3000,
-                    progress=lambda table, n: sizes.append(n))
+        run_cleanup(
+            sqlite_engine,
+            sessions_before=SESSIONS_CUTOFF,
+            batch_size=3000,
+            progress=lambda table, n: sizes.append(n),
+        )
     finally:
         stop.set()
         writer.join()

@@ -411,9 +411,7 @@ class TestDeviceInfo:
         add_device(manager, "d1", system_info=reported)
         assert manager.get_device_system_info("d1") == reported
 
-    def test_get_device_system_info_none_for_constellation(
-        self, manager: ClientConnectionManager
-    ):
+    def test_get_device_system_info_none_for_constellation(self, manager: ClientConnectionManager):
         """A constellation id yields None even when its metadata carried system_info."""
         add_constellation(manager, "c1", metadata={"system_info": {"os": "Linux"}})
         assert manager.get_device_system_info("c1") is None
@@ -659,9 +657,7 @@ class TestSelectOptimalDevice:
         )
         assert chosen == "two"
 
-    def test_most_preferred_tags_wins_without_other_filters(
-        self, manager: ClientConnectionManager
-    ):
+    def test_most_preferred_tags_wins_without_other_filters(self, manager: ClientConnectionManager):
         """Tag preference applies when no platform or capability is required."""
         add_device(manager, "untagged")
         add_device(manager, "tagged", tags=["office"])
@@ -874,9 +870,7 @@ class TestThreadSafety:
         assert len(manager.get_devices_by_platform("windows")) == kept
         for t in range(threads_n):
             assert len(manager.find_devices_with_capability(f"f{t}")) == per_thread // 2
-        assert all(
-            manager.get_device_sessions(d) == [f"s{d[1:]}"] for d in stats["devices"]["ids"]
-        )
+        assert all(manager.get_device_sessions(d) == [f"s{d[1:]}"] for d in stats["devices"]["ids"])
 
 
 class TestSelectionAtScale:
@@ -919,8 +913,12 @@ class TestSelectionAtScale:
                 ["windows", "linux", "darwin"][i % 3],
                 object(),
                 ClientType.DEVICE,
-                {"system_info": {"supported_features": rng.sample(features, rng.randint(0, 4)),
-                                 "tags": rng.sample(tags, rng.randint(0, 2))}},
+                {
+                    "system_info": {
+                        "supported_features": rng.sample(features, rng.randint(0, 4)),
+                        "tags": rng.sample(tags, rng.randint(0, 2)),
+                    }
+                },
             )
         queries = [
             (None, [], []),

@@ -33,9 +33,7 @@ def refuse_nul(request: Request) -> None:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "NUL characters are not allowed")
 
 
-protected = APIRouter(
-    prefix="/api", dependencies=[Depends(require_api_key), Depends(refuse_nul)]
-)
+protected = APIRouter(prefix="/api", dependencies=[Depends(require_api_key), Depends(refuse_nul)])
 
 MAX_OFFSET = 1_000_000_000
 """Larger offsets overflow the databases' 64-bit integers (a 500); no history is that long."""
@@ -164,7 +162,11 @@ def reload_device_config(registry: RegistryDep) -> dict[str, Any]:
         changed = registry.reload_device_config()
     except ConfigError as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
-    return {"status": "reloaded", "entries": len(registry.device_configs), "devices_changed": changed}
+    return {
+        "status": "reloaded",
+        "entries": len(registry.device_configs),
+        "devices_changed": changed,
+    }
 
 
 @protected.get("/devices/{device_id}", tags=["devices"])

@@ -136,7 +136,11 @@ def create_app(
         if store is None:
             logger.warning("ccm started without a database (database.enabled: false): no history")
         else:
-            logger.info("ccm started run_id=%s database=%s", store.run_id, store.engine.url.render_as_string(hide_password=True))
+            logger.info(
+                "ccm started run_id=%s database=%s",
+                store.run_id,
+                store.engine.url.render_as_string(hide_password=True),
+            )
         try:
             yield
         finally:

@@ -252,7 +252,9 @@ class Hub:
 
     def _on_device_info_request(self, peer: Peer, msg: ClientMessage) -> None:
         if not peer.is_constellation:
-            peer.send(error_frame("DEVICE_INFO_REQUEST is permitted only for constellation clients"))
+            peer.send(
+                error_frame("DEVICE_INFO_REQUEST is permitted only for constellation clients")
+            )
             return
         if not self._may_use_device(peer, msg.target_id):
             peer.send(error_frame("Not authorized to request device info for this device"))
@@ -309,7 +311,9 @@ class Hub:
         if peer.is_constellation:
             target = msg.target_id
             if not target:
-                self._refuse_task(peer, msg.session_id, "Constellation task requests require target_id")
+                self._refuse_task(
+                    peer, msg.session_id, "Constellation task requests require target_id"
+                )
                 return
             if not self._may_use_device(peer, target):
                 self._refuse_task(
@@ -345,14 +349,14 @@ class Hub:
         # the runners (never answered with another assignment, which would loop).
         with contextlib.suppress(SessionError, StoreUnavailable):  # requester already told
             await self.start_session(
-            requester=peer,
-            session_id=msg.session_id,
-            device_id=peer.client_id,
-            origin=Origin.DEVICE,
-            task_name=msg.task_name,
-            request=msg.request,
-            force_agent=True,
-        )
+                requester=peer,
+                session_id=msg.session_id,
+                device_id=peer.client_id,
+                origin=Origin.DEVICE,
+                task_name=msg.task_name,
+                request=msg.request,
+                force_agent=True,
+            )
 
     async def start_session(
         self,
@@ -418,7 +422,9 @@ class Hub:
         (relay) or to a runner. False if the database did not confirm (the session failed)."""
         if not await self._durable():
             await self.finish_session(
-                session, SessionState.FAILED, reason="store_unavailable",
+                session,
+                SessionState.FAILED,
+                reason="store_unavailable",
                 error="the database did not confirm the session in time; try again",
                 wait=False,
             )
@@ -440,7 +446,10 @@ class Hub:
                 )
             ):
                 await self.finish_session(
-                    session, SessionState.FAILED, reason="device_disconnected", error=DEVICE_GONE_ERROR
+                    session,
+                    SessionState.FAILED,
+                    reason="device_disconnected",
+                    error=DEVICE_GONE_ERROR,
                 )
             return True
         runner = next((r for r in self.runners if r.accepts(session.request)), None)
@@ -665,7 +674,10 @@ class Hub:
                 session = self.sessions.get(session_id)
                 if session is not None:
                     await self.finish_session(
-                        session, SessionState.FAILED, reason="device_disconnected", error=DEVICE_GONE_ERROR
+                        session,
+                        SessionState.FAILED,
+                        reason="device_disconnected",
+                        error=DEVICE_GONE_ERROR,
                     )
             self.registry.remove_device_sessions(peer.client_id)
 

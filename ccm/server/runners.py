@@ -116,7 +116,9 @@ def parse_tool_plan(request: str | None) -> ToolPlan | None:
     for key in ("agent_name", "process_name", "root_name"):
         if options.get(key) is not None and not isinstance(options[key], str):
             raise PlanError(f"{key} must be a string")
-    return ToolPlan(rounds, options.get("agent_name"), options.get("process_name"), options.get("root_name"))
+    return ToolPlan(
+        rounds, options.get("agent_name"), options.get("process_name"), options.get("root_name")
+    )
 
 
 class ToolPlanRunner:
@@ -159,7 +161,9 @@ def load_runner(spec: str) -> SessionRunner:
     """Import `package.module:factory` and call it to build a runner (the agent plug-in point)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"server.agent_runner must look like 'package.module:factory', got {spec!r}")
+        raise ConfigError(
+            f"server.agent_runner must look like 'package.module:factory', got {spec!r}"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

@@ -27,7 +27,10 @@ class HandledClientErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Invalid UTF-8 sequence"):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "invalid UTF-8 in a text frame; connection closed with 1007", ()
+            record.msg, record.args = (
+                "invalid UTF-8 in a text frame; connection closed with 1007",
+                (),
+            )
             record.exc_info = record.exc_text = None
         return True
 

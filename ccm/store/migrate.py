@@ -67,4 +67,3 @@ def ensure_schema(engine: Engine, *, auto_upgrade_sqlite: bool = True) -> str | 
         upgrade(engine.url)
         return head
     raise SchemaOutdated(current, head, engine.url.render_as_string(hide_password=True))
-

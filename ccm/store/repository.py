@@ -124,9 +124,7 @@ class Store:
                 )
             ).rowcount
             conn.execute(
-                update(server_runs)
-                .where(server_runs.c.stopped_at.is_(None))
-                .values(stopped_at=at)
+                update(server_runs).where(server_runs.c.stopped_at.is_(None)).values(stopped_at=at)
             )
         return RecoveryReport(closed, offline, interrupted)
 
@@ -290,6 +288,7 @@ def read_online_clients(engine: Engine) -> list[ClientRow]:
         ).all()
     return [ClientRow(*row) for row in rows]
 
+
 def read_connection_history(
     engine: Engine,
     client_id: str,
@@ -307,6 +306,7 @@ def read_connection_history(
     query = query.order_by(connections.c.connected_at.desc()).limit(limit).offset(offset)
     with engine.connect() as conn:
         return [ConnectionRow(**row._mapping) for row in conn.execute(query)]
+
 
 def read_sessions(
     engine: Engine,
@@ -346,9 +346,8 @@ def read_sessions(
             for row in conn.execute(query)
         ]
 
+
 def read_session_counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(sessions.c.state, func.count()).group_by(sessions.c.state)
-        ).all()
+        rows = conn.execute(select(sessions.c.state, func.count()).group_by(sessions.c.state)).all()
     return {state: count for state, count in rows}

@@ -138,9 +138,7 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
         )
     )
     run_stop = (
-        update(server_runs)
-        .where(server_runs.c.run_id == _p("run_id"))
-        .values(stopped_at=_p("at"))
+        update(server_runs).where(server_runs.c.run_id == _p("run_id")).values(stopped_at=_p("at"))
     )
     return {
         "connect": (client_upsert, connection_insert),

@@ -367,7 +367,7 @@ class StoreWriter:
                     if time.monotonic() > deadline:
                         return False
                 time.sleep(self._retry_interval)
-            except Exception as exc:  # noqa: BLE001 - the writer thread is an edge: it must never die
+            except Exception as exc:
                 # Not transient: one write is bad (refused by the database, or a value that cannot
                 # be bound, which SQLAlchemy raises before the DBAPI is called, or that the driver
                 # cannot even encode). Apply them one by one and drop only the bad one.
@@ -461,6 +461,8 @@ class StoreWriter:
     def _mark_degraded(self, exc: Exception) -> None:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not self._degraded or message != self._last_error:
-            logger.warning("database unavailable, writes queued (%d): %s", len(self._queue), message)
+            logger.warning(
+                "database unavailable, writes queued (%d): %s", len(self._queue), message
+            )
         self._degraded = True
         self._last_error = message

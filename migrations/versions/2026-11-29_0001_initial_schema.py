@@ -22,7 +22,7 @@ depends_on: str | Sequence[str] | None = None
 JSONValue = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 
 
-def UTC() -> sa.DateTime:  # noqa: N802 - reads like a type in the table definitions below
+def UTC() -> sa.DateTime:
     return sa.DateTime(timezone=True)
 
 

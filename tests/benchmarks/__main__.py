@@ -36,28 +36,45 @@ SECTIONS = ("registry", "relay", "peer", "connections", "cleanup", "profile")
 
 FULL = {
     "registry_repeats": 7,
-    "relay_repeats": 3, "relay_duration": 5.0, "relay_warmup": 1.0,
-    "peer_repeats": 3, "peer_duration": 3.0,
+    "relay_repeats": 3,
+    "relay_duration": 5.0,
+    "relay_warmup": 1.0,
+    "peer_repeats": 3,
+    "peer_duration": 3.0,
     "connections": 10_000,
-    "cleanup_rows": 1_000_000, "cleanup_baseline": 8.0, "audit_samples": 40,
+    "cleanup_rows": 1_000_000,
+    "cleanup_baseline": 8.0,
+    "audit_samples": 40,
 }
 QUICK = {
     "registry_repeats": 3,
-    "relay_repeats": 2, "relay_duration": 2.0, "relay_warmup": 0.5,
-    "peer_repeats": 2, "peer_duration": 1.5,
+    "relay_repeats": 2,
+    "relay_duration": 2.0,
+    "relay_warmup": 0.5,
+    "peer_repeats": 2,
+    "peer_duration": 1.5,
     "connections": 2_000,
-    "cleanup_rows": 100_000, "cleanup_baseline": 2.0, "audit_samples": 15,
+    "cleanup_rows": 100_000,
+    "cleanup_baseline": 2.0,
+    "audit_samples": 15,
 }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="short run; RESULTS.md untouched")
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
-    parser.add_argument("--output", default=None, help="default: tests/benchmarks/RESULTS.md "
-                        "for a full run of every section, nothing for --quick")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="default: tests/benchmarks/RESULTS.md "
+        "for a full run of every section, nothing for --quick",
+    )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -94,26 +111,34 @@ def main() -> None:
             if "relay" in only:
                 from tests.benchmarks import relay_bench
 
-                urls: dict[str, str | None] = {"memory": None,
-                                               "sqlite": sqlite_database(logs, "relay.db")}
+                urls: dict[str, str | None] = {
+                    "memory": None,
+                    "sqlite": sqlite_database(logs, "relay.db"),
+                }
                 if pg_url:
                     urls["postgres"] = pg_url
                 results["relay"] = relay_bench.run(
-                    logs=logs, urls=urls, repeats=cfg["relay_repeats"],
-                    duration=cfg["relay_duration"], warmup=cfg["relay_warmup"],
+                    logs=logs,
+                    urls=urls,
+                    repeats=cfg["relay_repeats"],
+                    duration=cfg["relay_duration"],
+                    warmup=cfg["relay_warmup"],
                 )
             if "peer" in only:
                 from tests.benchmarks import peer_bench
 
                 results["peer"] = peer_bench.run(
-                    logs=logs, sqlite_url=sqlite_database(logs, "peer.db"),
-                    repeats=cfg["peer_repeats"], duration=cfg["peer_duration"],
+                    logs=logs,
+                    sqlite_url=sqlite_database(logs, "peer.db"),
+                    repeats=cfg["peer_repeats"],
+                    duration=cfg["peer_duration"],
                 )
             if "connections" in only:
                 from tests.benchmarks import conn_bench
 
                 results["connections"] = conn_bench.run(
-                    logs=logs, sqlite_url=sqlite_database(logs, "conn.db"),
+                    logs=logs,
+                    sqlite_url=sqlite_database(logs, "conn.db"),
                     count=cfg["connections"],
                 )
             if "cleanup" in only:
@@ -127,8 +152,13 @@ def main() -> None:
                     backends["postgres"] = dbs.enter_context(postgres_database(args.postgres_url))
                 for name, url in backends.items():
                     results["cleanup"][name] = cleanup_bench.run_backend(
-                        name, url, logs=logs, rows=cfg["cleanup_rows"], rate=rate,
-                        baseline=cfg["cleanup_baseline"], batch_size=5000,
+                        name,
+                        url,
+                        logs=logs,
+                        rows=cfg["cleanup_rows"],
+                        rate=rate,
+                        baseline=cfg["cleanup_baseline"],
+                        batch_size=5000,
                         audit_samples=cfg["audit_samples"],
                     )
             if "profile" in only:
@@ -136,7 +166,8 @@ def main() -> None:
 
                 log("profile: py-spy on the SQLite relay server")
                 results["profile"] = profile.run(
-                    logs=logs, sqlite_url=sqlite_database(logs, "profile.db"),
+                    logs=logs,
+                    sqlite_url=sqlite_database(logs, "profile.db"),
                     seconds=3.0 if args.quick else 5.0,
                 )
         ok = True

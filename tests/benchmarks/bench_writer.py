@@ -57,8 +57,9 @@ def one_run(url: str, n: int, batch_size: int, mode: str = "cycle") -> tuple[flo
     started = time.perf_counter()
     for i in range(n):
         if mode == "relay":
-            sessions.create(f"s-{i}", f"bench-device-{i % 20}", origin=Origin.DEVICE,
-                            mode=Mode.RELAY)
+            sessions.create(
+                f"s-{i}", f"bench-device-{i % 20}", origin=Origin.DEVICE, mode=Mode.RELAY
+            )
             sessions.complete(f"s-{i}", {"ok": True})
             continue
         device = f"bench-device-{i}"

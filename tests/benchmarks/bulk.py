@@ -16,13 +16,32 @@ from ccm.store.models import connections as connections_table
 from ccm.store.models import sessions as sessions_table
 
 SESSION_COLUMNS = (
-    "id", "session_id", "task_name", "request", "origin", "constellation_id", "device_id",
-    "mode", "state", "reason", "result", "error", "created_at", "started_at", "ended_at",
+    "id",
+    "session_id",
+    "task_name",
+    "request",
+    "origin",
+    "constellation_id",
+    "device_id",
+    "mode",
+    "state",
+    "reason",
+    "result",
+    "error",
+    "created_at",
+    "started_at",
+    "ended_at",
     "server_run_id",
 )
 CONNECTION_COLUMNS = (
-    "connection_id", "client_id", "client_type", "connected_at", "disconnected_at",
-    "disconnect_reason", "remote_address", "server_run_id",
+    "connection_id",
+    "client_id",
+    "client_type",
+    "connected_at",
+    "disconnected_at",
+    "disconnect_reason",
+    "remote_address",
+    "server_run_id",
 )
 STATES = ("completed", "completed", "completed", "failed", "cancelled")
 RUN_ID = "00000000-0000-4000-8000-000000000001"
@@ -33,8 +52,16 @@ def history_start(now: datetime, days: int) -> datetime:
     return (now - timedelta(days=days + 8)).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def fill(engine: Engine, *, sessions: int, connections: int, devices: int = 1000,
-         days: int = 30, now: datetime | None = None, chunk: int = 100_000) -> dict[str, float]:
+def fill(
+    engine: Engine,
+    *,
+    sessions: int,
+    connections: int,
+    devices: int = 1000,
+    days: int = 30,
+    now: datetime | None = None,
+    chunk: int = 100_000,
+) -> dict[str, float]:
     """Insert the history with INSERT ... SELECT over a generated series: the rows are built by
     the database itself (no Python per row), in chunks, in one transaction. Returns seconds and
     rows/s per table."""
@@ -60,17 +87,24 @@ def fill(engine: Engine, *, sessions: int, connections: int, devices: int = 1000
             cache_size = cur.execute("PRAGMA cache_size").fetchone()[0]
             cur.execute("PRAGMA cache_size = -262144")
         clients_sql, sessions_sql, connections_sql = _pg_sql() if pg else _sqlite_sql()
-        cur.execute(clients_sql, {"lo": 0, "hi": devices, "t0": epoch, "step": 0.0, "dev": devices}
-                    if pg else (0, devices, 0.0, epoch))
-        for table, total, sql in (("sessions", sessions, sessions_sql),
-                                  ("connections", connections, connections_sql)):
+        cur.execute(
+            clients_sql,
+            {"lo": 0, "hi": devices, "t0": epoch, "step": 0.0, "dev": devices}
+            if pg
+            else (0, devices, 0.0, epoch),
+        )
+        for table, total, sql in (
+            ("sessions", sessions, sessions_sql),
+            ("connections", connections, connections_sql),
+        ):
             t0 = time.perf_counter()
             step = days * 86400 / max(total, 1)
             for lo in range(0, total, chunk):
                 hi = min(total, lo + chunk)
                 if pg:
-                    cur.execute(sql, {"lo": lo, "hi": hi, "t0": epoch, "step": step,
-                                      "dev": devices})
+                    cur.execute(
+                        sql, {"lo": lo, "hi": hi, "t0": epoch, "step": step, "dev": devices}
+                    )
                 else:
                     cur.execute(sql, (lo, hi, step, epoch, devices))
             timings[f"{table}_s"] = time.perf_counter() - t0
@@ -89,7 +123,7 @@ def fill(engine: Engine, *, sessions: int, connections: int, devices: int = 1000
     try:
         cur = raw.cursor()
         t2 = time.perf_counter()
-        for statement in (("ANALYZE sessions", "ANALYZE connections") if pg else ("ANALYZE",)):
+        for statement in ("ANALYZE sessions", "ANALYZE connections") if pg else ("ANALYZE",):
             cur.execute(statement)
         raw.commit()
         timings["analyze_s"] = time.perf_counter() - t2
@@ -126,7 +160,10 @@ def _sqlite_sql() -> tuple[str, str, str]:
     clients = (
         _SQLITE_SERIES + "INSERT INTO clients (client_id, client_type, platform, first_seen_at, "
         "last_seen_at, online) SELECT printf('hist-dev-%04d', x), 'device', 'windows', "
-        + _SQLITE_TIME.format("") + ", " + _SQLITE_TIME.format("") + ", 0 FROM s"
+        + _SQLITE_TIME.format("")
+        + ", "
+        + _SQLITE_TIME.format("")
+        + ", 0 FROM s"
     )
     sessions = (
         _SQLITE_SERIES + "INSERT INTO sessions (" + ", ".join(SESSION_COLUMNS) + ") SELECT "

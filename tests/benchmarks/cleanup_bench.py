@@ -60,22 +60,28 @@ def audit(engine: Engine, *, devices: int, days: int, samples: int) -> dict[str,
         rows_seen["history"] += len(rows)
         day = start + timedelta(days=rng.randrange(days))
         t0 = time.perf_counter()
-        found = read_sessions(engine, device_id=client, since=day, until=day + timedelta(days=1),
-                              limit=1000)
+        found = read_sessions(
+            engine, device_id=client, since=day, until=day + timedelta(days=1), limit=1000
+        )
         day_sessions.add((time.perf_counter() - t0) * 1000)
         rows_seen["day"] += len(found)
     day = start + timedelta(days=3)
     plans = {
         "connection history": _explain(
             engine,
-            sa_select(*connections.c).where(connections.c.client_id == "hist-dev-0042")
-            .order_by(connections.c.connected_at.desc()).limit(50),
+            sa_select(*connections.c)
+            .where(connections.c.client_id == "hist-dev-0042")
+            .order_by(connections.c.connected_at.desc())
+            .limit(50),
         ),
         "sessions of a device in a day": _explain(
             engine,
-            sa_select(*sessions.c).where(sessions.c.device_id == "hist-dev-0042")
-            .where(sessions.c.created_at >= day).where(sessions.c.created_at < day + timedelta(days=1))
-            .order_by(sessions.c.created_at.desc(), sessions.c.id).limit(1000),
+            sa_select(*sessions.c)
+            .where(sessions.c.device_id == "hist-dev-0042")
+            .where(sessions.c.created_at >= day)
+            .where(sessions.c.created_at < day + timedelta(days=1))
+            .order_by(sessions.c.created_at.desc(), sessions.c.id)
+            .limit(1000),
         ),
     }
     return {
@@ -112,17 +118,30 @@ def _cleanup_for(engine: Engine, budget: float, batch_size: int) -> tuple[int, f
             raise _OutOfTime
 
     try:
-        run_cleanup(engine, sessions_before=datetime.now(UTC) - timedelta(days=7),
-                    batch_size=batch_size, progress=progress)
+        run_cleanup(
+            engine,
+            sessions_before=datetime.now(UTC) - timedelta(days=7),
+            batch_size=batch_size,
+            progress=progress,
+        )
         finished = True
     except _OutOfTime:
         finished = False
     return deleted, time.perf_counter() - started, finished
 
 
-def run_backend(name: str, url: str, *, logs: Path, rows: int, rate: float, baseline: float,
-                batch_size: int, audit_samples: int,
-                live_budget: float = 30.0) -> dict[str, Any]:
+def run_backend(
+    name: str,
+    url: str,
+    *,
+    logs: Path,
+    rows: int,
+    rate: float,
+    baseline: float,
+    batch_size: int,
+    audit_samples: int,
+    live_budget: float = 30.0,
+) -> dict[str, Any]:
     devices, days = 1000, 30
     engine = make_engine(url)
     out: dict[str, Any] = {"rows": rows}
@@ -130,14 +149,33 @@ def run_backend(name: str, url: str, *, logs: Path, rows: int, rate: float, base
         log(f"cleanup {name}: inserting {rows:,} sessions and {rows:,} connections")
         out["fill"] = bulk.fill(engine, sessions=rows, connections=rows, devices=devices, days=days)
         out["audit"] = audit(engine, devices=devices, days=days, samples=audit_samples)
-        log(f"cleanup {name}: audit history {out['audit']['connection_history_ms'].show()}, "
-            f"device-day {out['audit']['device_day_ms'].show()}")
+        log(
+            f"cleanup {name}: audit history {out['audit']['connection_history_ms'].show()}, "
+            f"device-day {out['audit']['device_day_ms'].show()}"
+        )
         server = start_ccm(f"cleanup-{name}", logs, database_url=url)
         samples_file = logs / f"cleanup-{name}.samples"
-        lg = Child(["-m", "tests.benchmarks.loadgen", "relay", "--url", server.url,
-                    "--in-flight", "64", "--rate", str(rate), "--warmup", "1.5",
-                    "--until-stdin", "--samples", str(samples_file),
-                    "--prefix", f"cl{name[:3]}"], log=logs / "loadgen-cleanup.log")
+        lg = Child(
+            [
+                "-m",
+                "tests.benchmarks.loadgen",
+                "relay",
+                "--url",
+                server.url,
+                "--in-flight",
+                "64",
+                "--rate",
+                str(rate),
+                "--warmup",
+                "1.5",
+                "--until-stdin",
+                "--samples",
+                str(samples_file),
+                "--prefix",
+                f"cl{name[:3]}",
+            ],
+            log=logs / "loadgen-cleanup.log",
+        )
         try:
             lg.read_json(60)  # measuring started
             time.sleep(baseline)
@@ -153,15 +191,18 @@ def run_backend(name: str, url: str, *, logs: Path, rows: int, rate: float, base
             server.stop()
         idle_deleted, idle_seconds = 0, 0.0
         if not finished:
-            log(f"cleanup {name}: {deleted:,} rows in the {live_budget:.0f} s budget under load; "
-                "the rest with no load")
+            log(
+                f"cleanup {name}: {deleted:,} rows in the {live_budget:.0f} s budget under load; "
+                "the rest with no load"
+            )
             idle_deleted, idle_seconds, _ = _cleanup_for(engine, float("inf"), batch_size)
         finish, latency = _samples(samples_file)
         before = [lat * 1000 for t, lat in zip(finish, latency, strict=True) if t < c0]
         during = [lat * 1000 for t, lat in zip(finish, latency, strict=True) if c0 <= t <= c1]
         with engine.connect() as conn:
             left = conn.execute(
-                select(func.count()).select_from(sessions)
+                select(func.count())
+                .select_from(sessions)
                 .where(sessions.c.session_id.like("hist-%"))
             ).scalar_one()
         out.update(
@@ -184,11 +225,17 @@ def run_backend(name: str, url: str, *, logs: Path, rows: int, rate: float, base
             tasks_before=len(before),
             tasks_during=len(during),
         )
-        log(f"cleanup {name}: {out['deleted']:,} rows in {elapsed:.1f} s under load "
+        log(
+            f"cleanup {name}: {out['deleted']:,} rows in {elapsed:.1f} s under load "
             f"({out['rows_per_s']:,.0f} rows/s); relay p99 {out['p99_before_ms']:.1f} -> "
             f"{out['p99_during_ms']:.1f} ms"
-            + (f"; then {idle_deleted:,} rows in {idle_seconds:.1f} s with no load "
-               f"({out['idle_rows_per_s']:,.0f} rows/s)" if idle_seconds else ""))
+            + (
+                f"; then {idle_deleted:,} rows in {idle_seconds:.1f} s with no load "
+                f"({out['idle_rows_per_s']:,.0f} rows/s)"
+                if idle_seconds
+                else ""
+            )
+        )
         return out
     finally:
         engine.dispose()

@@ -65,8 +65,14 @@ class Figure:
         return f"{fmt(med, digits)} ({fmt(lo, digits)}–{fmt(hi, digits)}) {self.unit}".strip()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.low, "max": self.high, "n": len(self.samples),
-                "unit": self.unit, "samples": self.samples}
+        return {
+            "median": self.median,
+            "min": self.low,
+            "max": self.high,
+            "n": len(self.samples),
+            "unit": self.unit,
+            "samples": self.samples,
+        }
 
 
 def fmt(value: float, digits: int | None = None) -> str:
@@ -90,7 +96,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
 
 
@@ -136,7 +142,15 @@ def machine() -> dict[str, Any]:
                 mem_kb = int(line.split()[1])
     load = os.getloadavg()
     versions: dict[str, str] = {}
-    for name in ("uvicorn", "websockets", "fastapi", "starlette", "sqlalchemy", "psycopg", "uvloop"):
+    for name in (
+        "uvicorn",
+        "websockets",
+        "fastapi",
+        "starlette",
+        "sqlalchemy",
+        "psycopg",
+        "uvloop",
+    ):
         try:
             from importlib.metadata import version
 
@@ -192,9 +206,11 @@ def rss_bytes(pid: int) -> int:
 class Child:
     """A child Python process of this suite (a server or a load generator)."""
 
-    def __init__(self, args: list[str], *, log: Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self, args: list[str], *, log: Path | None = None, env: dict[str, str] | None = None
+    ):
         self.log = log
-        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
             [PYTHON, *args],
             cwd=ROOT,
@@ -360,8 +376,14 @@ class Server:
         self.child.stop()
 
 
-def start_ccm(name: str, logs: Path, *, database_url: str | None = None, memory: bool = False,
-              extra: Sequence[str] = ()) -> Server:
+def start_ccm(
+    name: str,
+    logs: Path,
+    *,
+    database_url: str | None = None,
+    memory: bool = False,
+    extra: Sequence[str] = (),
+) -> Server:
     """ccm as `ccm serve` runs it (INFO logs to a file), on SQLite/Postgres or in memory."""
     port = free_port()
     args = ["-m", "tests.benchmarks.server_proc", "--port", str(port), *extra]
@@ -373,16 +395,19 @@ def start_ccm(name: str, logs: Path, *, database_url: str | None = None, memory:
 
 def start_seed(logs: Path) -> Server:
     port = free_port()
-    child = Child(["-m", "tests.benchmarks.seed_server", "--port", str(port)],
-                  log=logs / "server-seed.log")
+    child = Child(
+        ["-m", "tests.benchmarks.seed_server", "--port", str(port)], log=logs / "server-seed.log"
+    )
     wait_for_port(port, child)
     return Server("seed", child, port)
 
 
 def loadgen(mode: str, url: str, logs: Path, *args: str, timeout: float = 180) -> dict[str, Any]:
     """Run the load generator to completion; its last JSON line."""
-    child = Child(["-m", "tests.benchmarks.loadgen", mode, "--url", url, *args],
-                  log=logs / f"loadgen-{mode}.log")
+    child = Child(
+        ["-m", "tests.benchmarks.loadgen", mode, "--url", url, *args],
+        log=logs / f"loadgen-{mode}.log",
+    )
     try:
         result = child.read_json(timeout)
         child.wait(30)

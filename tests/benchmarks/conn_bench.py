@@ -21,13 +21,35 @@ from tests.benchmarks.common import Child, Server, loadgen, log, start_ccm, star
 
 
 def _hold(server: Server, logs: Path, count: int, concurrency: int) -> dict[str, Any]:
-    loadgen("cycles", server.url, logs, "--duration", "1.5", "--workers", "16",
-            "--prefix", f"warm{server.name}")
+    loadgen(
+        "cycles",
+        server.url,
+        logs,
+        "--duration",
+        "1.5",
+        "--workers",
+        "16",
+        "--prefix",
+        f"warm{server.name}",
+    )
     time.sleep(1.0)
     rss0 = server.rss()
-    child = Child(["-m", "tests.benchmarks.loadgen", "idle", "--url", server.url,
-                   "--count", str(count), "--concurrency", str(concurrency),
-                   "--prefix", f"idle{server.name}"], log=logs / "loadgen-idle.log")
+    child = Child(
+        [
+            "-m",
+            "tests.benchmarks.loadgen",
+            "idle",
+            "--url",
+            server.url,
+            "--count",
+            str(count),
+            "--concurrency",
+            str(concurrency),
+            "--prefix",
+            f"idle{server.name}",
+        ],
+        log=logs / "loadgen-idle.log",
+    )
     try:
         held = child.read_json(600)
         time.sleep(2.0)  # let the server finish what registration queued
@@ -38,8 +60,10 @@ def _hold(server: Server, logs: Path, count: int, concurrency: int) -> dict[str,
     finally:
         child.stop()
     per_conn = (rss1 - rss0) / max(held["held"], 1)
-    log(f"{server.name}: {held['held']:,} connections held, {held['registrations_per_s']:,.0f} "
-        f"registrations/s, {per_conn / 1024:.1f} KiB each")
+    log(
+        f"{server.name}: {held['held']:,} connections held, {held['registrations_per_s']:,.0f} "
+        f"registrations/s, {per_conn / 1024:.1f} KiB each"
+    )
     return {
         "held": held["held"],
         "failures": held["failures"],
@@ -54,8 +78,11 @@ def _hold(server: Server, logs: Path, count: int, concurrency: int) -> dict[str,
 def run(*, logs: Path, sqlite_url: str, count: int, concurrency: int = 200) -> dict[str, Any]:
     out: dict[str, Any] = {"count": count}
     for name in ("ccm", "seed"):
-        server = (start_ccm("conn-ccm", logs, database_url=sqlite_url) if name == "ccm"
-                  else start_seed(logs))
+        server = (
+            start_ccm("conn-ccm", logs, database_url=sqlite_url)
+            if name == "ccm"
+            else start_seed(logs)
+        )
         try:
             out[name] = _hold(server, logs, count, concurrency)
         finally:
@@ -63,7 +90,8 @@ def run(*, logs: Path, sqlite_url: str, count: int, concurrency: int = 200) -> d
     engine = make_engine(sqlite_url)
     with engine.connect() as conn:
         out["ccm"]["connection_rows"] = conn.execute(
-            select(func.count()).select_from(connections)
+            select(func.count())
+            .select_from(connections)
             .where(connections.c.client_id.like("idleconn-ccm-idle-%"))
         ).scalar_one()
     engine.dispose()

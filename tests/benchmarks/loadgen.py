@@ -212,11 +212,17 @@ class Relay:
         for i in range(a.constellations):
             cid = f"{self.prefix}-con-{i}@{devices[i % a.devices]}"
             const_ws.append(
-                (cid, devices[i % a.devices], await registered(
-                    a.url, register_constellation_frame(cid, devices[i % a.devices])
-                ))
+                (
+                    cid,
+                    devices[i % a.devices],
+                    await registered(
+                        a.url, register_constellation_frame(cid, devices[i % a.devices])
+                    ),
+                )
             )
-        device_tasks = [asyncio.create_task(self.device(ws, d)) for ws, d in zip(dev_ws, devices)]
+        device_tasks = [
+            asyncio.create_task(self.device(ws, d)) for ws, d in zip(dev_ws, devices, strict=False)
+        ]
         slots = max(1, a.in_flight // a.constellations)
         const_tasks = [
             asyncio.create_task(self.constellation(ws, cid, target, slots))
@@ -373,8 +379,14 @@ async def idle(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(args.count)))
     elapsed = time.perf_counter() - t0
-    emit({"held": len(conns), "failures": failures, "seconds": elapsed,
-          "registrations_per_s": len(conns) / elapsed})
+    emit(
+        {
+            "held": len(conns),
+            "failures": failures,
+            "seconds": elapsed,
+            "registrations_per_s": len(conns) / elapsed,
+        }
+    )
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     alive = sum(1 for ws in conns if ws.state.name == "OPEN")
     t0 = time.perf_counter()

@@ -26,21 +26,22 @@ def run(*, logs: Path, sqlite_url: str, repeats: int, duration: float) -> dict[s
     try:
         servers["ccm"] = start_ccm("peer-ccm", logs, database_url=sqlite_url)
         servers["seed"] = start_seed(logs)
-        figures = {
-            name: {phase: Figure(unit="/s") for phase in PHASES} for name in servers
-        }
+        figures = {name: {phase: Figure(unit="/s") for phase in PHASES} for name in servers}
         cpu = {name: Figure(unit="µs/op") for name in servers}
         for r in range(repeats):
             for name, server in servers.items():
                 cpu0 = server.cpu()
-                out = loadgen("peer", server.url, logs, "--duration", str(duration),
-                              "--prefix", f"p{r}{name}")
+                out = loadgen(
+                    "peer", server.url, logs, "--duration", str(duration), "--prefix", f"p{r}{name}"
+                )
                 ops = out["cycles"] + out["heartbeats"] + out["device_infos"]
                 cpu[name].add((server.cpu() - cpu0) / max(ops, 1) * 1e6)
                 for phase in PHASES:
                     figures[name][phase].add(out[phase])
-                log(f"peer {name} #{r + 1}: " + ", ".join(
-                    f"{out[p]:,.0f} {label}" for p, label in PHASES.items()))
+                log(
+                    f"peer {name} #{r + 1}: "
+                    + ", ".join(f"{out[p]:,.0f} {label}" for p, label in PHASES.items())
+                )
         return {"figures": figures, "server_cpu": cpu}
     finally:
         for server in servers.values():

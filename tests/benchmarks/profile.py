@@ -33,28 +33,64 @@ def _label(frame: str) -> str:
 # Where a sample's time goes: the leaf-most frame that matches decides (so logging called from the
 # hub counts as logging). Matched on "function (path:line)" as py-spy writes it.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("logging (stdlib handler, ccm filters/formatter)", ("logging/__init__.py", "ccm/logs.py",
-                                                         "RedactTokens", "redact (")),
+    (
+        "logging (stdlib handler, ccm filters/formatter)",
+        ("logging/__init__.py", "ccm/logs.py", "RedactTokens", "redact ("),
+    ),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("store writer thread (SQLAlchemy, sqlite3/psycopg)", ("StoreWriter._run", "sqlalchemy/")),
-    ("durable-point plumbing (futures, barriers)", ("StoreWriter.durable", "StoreWriter.flush",
-                                                    "Hub._durable", "concurrent/futures",
-                                                    "futures.py", "GroupCommit")),
-    ("frame send (starlette -> uvicorn -> websockets)", ("Peer._send_queued", "WebSocket.send",
-                                                         "websockets/frames.py",
-                                                         "WebSocketsSansIOProtocol.send")),
-    ("frame receive + JSON/pydantic parse", ("_receive_text", "WebSocket.receive",
-                                             "decode_client_message", "pydantic",
-                                             "json/decoder.py", "data_received",
-                                             "handle_events", "websockets/protocol.py",
-                                             "websockets/streams.py", "frames.py")),
-    ("frame build (protocol.server_frame: JSON, uuid, time)", ("server_frame", "json/encoder.py",
-                                                               "uuid.py", "ccm/ids.py")),
+    (
+        "durable-point plumbing (futures, barriers)",
+        (
+            "StoreWriter.durable",
+            "StoreWriter.flush",
+            "Hub._durable",
+            "concurrent/futures",
+            "futures.py",
+            "GroupCommit",
+        ),
+    ),
+    (
+        "frame send (starlette -> uvicorn -> websockets)",
+        (
+            "Peer._send_queued",
+            "WebSocket.send",
+            "websockets/frames.py",
+            "WebSocketsSansIOProtocol.send",
+        ),
+    ),
+    (
+        "frame receive + JSON/pydantic parse",
+        (
+            "_receive_text",
+            "WebSocket.receive",
+            "decode_client_message",
+            "pydantic",
+            "json/decoder.py",
+            "data_received",
+            "handle_events",
+            "websockets/protocol.py",
+            "websockets/streams.py",
+            "frames.py",
+        ),
+    ),
+    (
+        "frame build (protocol.server_frame: JSON, uuid, time)",
+        ("server_frame", "json/encoder.py", "uuid.py", "ccm/ids.py"),
+    ),
     ("asyncio tasks/timers/queues", ("asyncio/",)),
-    ("ccm logic (hub, sessions, registry, peer)", ("ccm/server/hub.py", "ccm/sessions.py",
-                                                   "ccm/registry.py", "ccm/server/peer.py",
-                                                   "ccm/store/repository.py", "ccm/clock.py",
-                                                   "ccm/server/ws.py")),
+    (
+        "ccm logic (hub, sessions, registry, peer)",
+        (
+            "ccm/server/hub.py",
+            "ccm/sessions.py",
+            "ccm/registry.py",
+            "ccm/server/peer.py",
+            "ccm/store/repository.py",
+            "ccm/clock.py",
+            "ccm/server/ws.py",
+        ),
+    ),
 ]
 
 
@@ -108,18 +144,45 @@ def run(*, logs: Path, sqlite_url: str, seconds: float = 5.0) -> dict[str, Any]:
     return out
 
 
-def _profile(exe: str, name: str, args: list[str], *, logs: Path, sqlite_url: str,
-             seconds: float) -> dict[str, Any]:
+def _profile(
+    exe: str, name: str, args: list[str], *, logs: Path, sqlite_url: str, seconds: float
+) -> dict[str, Any]:
     server = start_ccm(f"profile-{name}", logs, database_url=sqlite_url)
-    lg = Child(["-m", "tests.benchmarks.loadgen", args[0], "--url", server.url, *args[1:],
-                "--prefix", f"prof{name}"], log=logs / f"loadgen-profile-{name}.log")
+    lg = Child(
+        [
+            "-m",
+            "tests.benchmarks.loadgen",
+            args[0],
+            "--url",
+            server.url,
+            *args[1:],
+            "--prefix",
+            f"prof{name}",
+        ],
+        log=logs / f"loadgen-profile-{name}.log",
+    )
     raw = logs / f"profile-{name}-sqlite.txt"
     try:
         time.sleep(1.5)
         done = subprocess.run(
-            [exe, "record", "--pid", str(server.pid), "--duration", str(int(seconds)),
-             "--rate", "250", "--gil", "--format", "raw", "--output", str(raw)],
-            capture_output=True, text=True, timeout=seconds + 60,
+            [
+                exe,
+                "record",
+                "--pid",
+                str(server.pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "250",
+                "--gil",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
         )
         lg.read_json(120)
     finally:

@@ -20,8 +20,20 @@ from ccm.registry import ClientConnectionManager, ClientType
 from tests.benchmarks.common import Figure
 
 PLATFORMS = ["windows", "linux", "darwin"]
-FEATURES = ["gui", "cli", "browser", "file_system", "office", "windows_apps", "linux_apps",
-            "macos_apps", "gpu_compute", "excel_automation", "pdf_generation", "docker_support"]
+FEATURES = [
+    "gui",
+    "cli",
+    "browser",
+    "file_system",
+    "office",
+    "windows_apps",
+    "linux_apps",
+    "macos_apps",
+    "gpu_compute",
+    "excel_automation",
+    "pdf_generation",
+    "docker_support",
+]
 TAGS = ["production", "office", "lab", "gpu", "testing", "development", "eu", "us"]
 
 
@@ -45,15 +57,25 @@ class SeedRegistry:
         self.lock = threading.Lock()
         self.online_clients: dict[str, SeedClientInfo] = {}
 
-    def add_client(self, client_id: str, platform: str, ws: Any, client_type: ClientType,
-                   metadata: dict[str, Any] | None = None) -> None:
+    def add_client(
+        self,
+        client_id: str,
+        platform: str,
+        ws: Any,
+        client_type: ClientType,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         with self.lock:
             system_info = None
             if metadata and "system_info" in metadata and client_type == ClientType.DEVICE:
                 system_info = metadata.get("system_info")
             self.online_clients[client_id] = SeedClientInfo(
-                websocket=ws, platform=platform, client_type=client_type,
-                connected_at=datetime.now(), metadata=metadata or {}, system_info=system_info,
+                websocket=ws,
+                platform=platform,
+                client_type=client_type,
+                connected_at=datetime.now(),
+                metadata=metadata or {},
+                system_info=system_info,
             )
 
     def get_client(self, client_id: str) -> Any:
@@ -70,8 +92,9 @@ class SeedRegistry:
 
     def list_clients_by_type(self, client_type: ClientType) -> list[str]:
         with self.lock:
-            return [cid for cid, info in self.online_clients.items()
-                    if info.client_type == client_type]
+            return [
+                cid for cid, info in self.online_clients.items() if info.client_type == client_type
+            ]
 
     def find_devices_with_capability(self, capability: str) -> list[str]:
         with self.lock:
@@ -86,9 +109,12 @@ class SeedRegistry:
                     matches.append(device_id)
             return matches
 
-    def select_optimal_device(self, required_platform: str | None = None,
-                              required_capabilities: list[str] | None = None,
-                              preferred_tags: list[str] | None = None) -> str | None:
+    def select_optimal_device(
+        self,
+        required_platform: str | None = None,
+        required_capabilities: list[str] | None = None,
+        preferred_tags: list[str] | None = None,
+    ) -> str | None:
         with self.lock:
             candidates = []
             for device_id, client_info in self.online_clients.items():
@@ -120,14 +146,26 @@ def fleet(n: int, seed: int = 5) -> list[tuple[str, str, dict[str, Any]]]:
     devices = []
     for i in range(n):
         platform = PLATFORMS[i % 3]
-        features = ["gui", "cli", "browser", "file_system"] + rng.sample(FEATURES[4:], 3)
+        features = ["gui", "cli", "browser", "file_system", *rng.sample(FEATURES[4:], 3)]
         tags = rng.sample(TAGS, 2)
-        devices.append((f"device-{i:05d}", platform, {
-            "platform": platform,
-            "system_info": {"device_id": f"device-{i:05d}", "platform": platform,
-                            "supported_features": features, "tags": tags,
-                            "cpu_count": 8, "memory_total_gb": 31.7, "custom_metadata": {}},
-        }))
+        devices.append(
+            (
+                f"device-{i:05d}",
+                platform,
+                {
+                    "platform": platform,
+                    "system_info": {
+                        "device_id": f"device-{i:05d}",
+                        "platform": platform,
+                        "supported_features": features,
+                        "tags": tags,
+                        "cpu_count": 8,
+                        "memory_total_gb": 31.7,
+                        "custom_metadata": {},
+                    },
+                },
+            )
+        )
     return devices
 
 
@@ -136,7 +174,11 @@ def fleet(n: int, seed: int = 5) -> list[tuple[str, str, dict[str, Any]]]:
 SELECTIONS: dict[str, tuple[str | None, list[str], list[str]]] = {
     "platform+capability+tags": ("linux", ["browser"], ["gpu", "lab"]),
     "rare capabilities": ("windows", ["docker_support", "pdf_generation"], ["production"]),
-    "no device matches": ("darwin", ["windows_apps", "linux_apps", "macos_apps", "gpu_compute"], []),
+    "no device matches": (
+        "darwin",
+        ["windows_apps", "linux_apps", "macos_apps", "gpu_compute"],
+        [],
+    ),
 }
 
 
@@ -150,8 +192,9 @@ def _calibrate(timer: timeit.Timer, target_seconds: float) -> int:
         number *= 4
 
 
-def _measure(ours: timeit.Timer, seed: timeit.Timer, per_call: int, repeats: int,
-             target: float) -> tuple[Figure, Figure]:
+def _measure(
+    ours: timeit.Timer, seed: timeit.Timer, per_call: int, repeats: int, target: float
+) -> tuple[Figure, Figure]:
     """ns per operation, repeats interleaved (ours, seed, ours, ...) so load drift hits both."""
     n_ours, n_seed = _calibrate(ours, target), _calibrate(seed, target)
     fo, fs = Figure(unit="ns/op"), Figure(unit="ns/op")
@@ -185,7 +228,9 @@ def run(*, devices: int = 10_000, repeats: int = 7, quick: bool = False) -> dict
     cases: dict[str, tuple[timeit.Timer, timeit.Timer, int]] = {
         "get_client": (loop(ours.get_client), loop(seed.get_client), len(ids)),
         "is_device_connected": (
-            loop(ours.is_device_connected), loop(seed.is_device_connected), len(ids)
+            loop(ours.is_device_connected),
+            loop(seed.is_device_connected),
+            len(ids),
         ),
         "list_clients_by_type (10,000 devices)": (
             call(ours.list_clients_by_type, ClientType.DEVICE),
@@ -231,5 +276,7 @@ def run(*, devices: int = 10_000, repeats: int = 7, quick: bool = False) -> dict
 if __name__ == "__main__":
     out = run(quick=True)
     for name, r in out["ops"].items():
-        print(f"{name:55s} ccm {r['ccm'].show()}  seed {r['seed'].show()}  "
-              f"ratio {r['ccm'].median / r['seed'].median:.2f}")
+        print(
+            f"{name:55s} ccm {r['ccm'].show()}  seed {r['seed'].show()}  "
+            f"ratio {r['ccm'].median / r['seed'].median:.2f}"
+        )

@@ -17,8 +17,9 @@ from typing import Any
 from tests.benchmarks.common import Figure, Server, loadgen, log, start_ccm
 
 
-def run(*, logs: Path, urls: dict[str, str | None], repeats: int, duration: float,
-        warmup: float) -> dict[str, Any]:
+def run(
+    *, logs: Path, urls: dict[str, str | None], repeats: int, duration: float, warmup: float
+) -> dict[str, Any]:
     """`urls`: mode -> database URL (None: in memory). Returns figures per mode."""
     servers: dict[str, Server] = {}
     try:
@@ -39,9 +40,19 @@ def run(*, logs: Path, urls: dict[str, str | None], repeats: int, duration: floa
         for r in range(repeats):
             for mode, server in servers.items():
                 cpu0, loop0, wall0 = server.cpu(), server.loop_cpu(), time.monotonic()
-                out = loadgen("relay", server.url, logs, "--duration", str(duration),
-                              "--warmup", str(warmup), "--in-flight", "64",
-                              "--prefix", f"r{r}{mode[:3]}")
+                out = loadgen(
+                    "relay",
+                    server.url,
+                    logs,
+                    "--duration",
+                    str(duration),
+                    "--warmup",
+                    str(warmup),
+                    "--in-flight",
+                    "64",
+                    "--prefix",
+                    f"r{r}{mode[:3]}",
+                )
                 cpu = server.cpu() - cpu0
                 # The event-loop thread's CPU over the wall time of the run (start-up and
                 # warm-up included): near 100% means the loop is the bound, well below means
@@ -55,8 +66,10 @@ def run(*, logs: Path, urls: dict[str, str | None], repeats: int, duration: floa
                 f["loadgen_cpu_us"].add(out["loadgen_cpu_per_task_us"])
                 f["loop_busy_pct"].add(loop_busy)
                 errors += out["errors"]
-                log(f"relay {mode} #{r + 1}: {out['tasks_per_s']:,.0f} tasks/s "
-                    f"p50 {out['p50_ms']:.1f} ms p99 {out['p99_ms']:.1f} ms")
+                log(
+                    f"relay {mode} #{r + 1}: {out['tasks_per_s']:,.0f} tasks/s "
+                    f"p50 {out['p50_ms']:.1f} ms p99 {out['p99_ms']:.1f} ms"
+                )
         return {"figures": figures, "errors": errors}
     finally:
         for server in servers.values():

@@ -43,88 +43,182 @@ def rows(results: dict[str, Any]) -> list[Row]:
             target, met = "", None
             if mode == "sqlite":
                 target, met = "≥ 12,000 tasks/s", figs["tasks_per_s"].median >= 12_000
-            out.append(Row("2 relay", f"{mode}: throughput", figs["tasks_per_s"].show(), "",
-                           target, met,
-                           f"server CPU {figs['server_cpu_us'].show()}, "
-                           f"load generator {figs['loadgen_cpu_us'].show()}; "
-                           f"event-loop thread busy {figs['loop_busy_pct'].show()}"))
+            out.append(
+                Row(
+                    "2 relay",
+                    f"{mode}: throughput",
+                    figs["tasks_per_s"].show(),
+                    "",
+                    target,
+                    met,
+                    f"server CPU {figs['server_cpu_us'].show()}, "
+                    f"load generator {figs['loadgen_cpu_us'].show()}; "
+                    f"event-loop thread busy {figs['loop_busy_pct'].show()}",
+                )
+            )
             p99_target, p99_met = "", None
             if mode == "sqlite":
                 p99_target, p99_met = "p99 ≤ 15 ms", figs["p99_ms"].median <= 15
-            out.append(Row("2 relay", f"{mode}: latency p50 / p99",
-                           f"{figs['p50_ms'].show()} / {figs['p99_ms'].show()}", "",
-                           p99_target, p99_met))
+            out.append(
+                Row(
+                    "2 relay",
+                    f"{mode}: latency p50 / p99",
+                    f"{figs['p50_ms'].show()} / {figs['p99_ms'].show()}",
+                    "",
+                    p99_target,
+                    p99_met,
+                )
+            )
         if "memory" in f:
             for mode in ("sqlite", "postgres"):
                 if mode in f:
                     ratio = _ratio(f[mode]["tasks_per_s"], f["memory"]["tasks_per_s"])
-                    per_run = [a / b for a, b in zip(f[mode]["tasks_per_s"].samples,
-                                                     f["memory"]["tasks_per_s"].samples,
-                                                     strict=False)]
-                    target, met = ("≥ 85% of in-memory", ratio >= 0.85) if mode == "sqlite" \
-                        else ("", None)
-                    out.append(Row("2 relay", f"{mode} / in-memory throughput", f"{ratio:.0%}",
-                                   f"{ratio:.2f}", target, met,
-                                   "per repeat " + ", ".join(f"{x:.0%}" for x in per_run)))
+                    per_run = [
+                        a / b
+                        for a, b in zip(
+                            f[mode]["tasks_per_s"].samples,
+                            f["memory"]["tasks_per_s"].samples,
+                            strict=False,
+                        )
+                    ]
+                    target, met = (
+                        ("≥ 85% of in-memory", ratio >= 0.85) if mode == "sqlite" else ("", None)
+                    )
+                    out.append(
+                        Row(
+                            "2 relay",
+                            f"{mode} / in-memory throughput",
+                            f"{ratio:.0%}",
+                            f"{ratio:.2f}",
+                            target,
+                            met,
+                            "per repeat " + ", ".join(f"{x:.0%}" for x in per_run),
+                        )
+                    )
     peer = results.get("peer")
     if peer:
         ccm, seed = peer["figures"]["ccm"], peer["figures"]["seed"]
         for phase, label in PHASES.items():
             ratio = _ratio(ccm[phase], seed[phase])
-            out.append(Row("3 peer", label, ccm[phase].show(), f"{ratio:.2f}× seed",
-                           "≥ 1.0× seed server", ratio >= 1.0, f"seed {seed[phase].show()}"))
-        out.append(Row("3 peer", "server CPU per operation (mixed)",
-                       peer["server_cpu"]["ccm"].show(),
-                       f"{_ratio(peer['server_cpu']['ccm'], peer['server_cpu']['seed']):.2f}× seed",
-                       note=f"seed {peer['server_cpu']['seed'].show()}"))
+            out.append(
+                Row(
+                    "3 peer",
+                    label,
+                    ccm[phase].show(),
+                    f"{ratio:.2f}× seed",
+                    "≥ 1.0× seed server",
+                    ratio >= 1.0,
+                    f"seed {seed[phase].show()}",
+                )
+            )
+        out.append(
+            Row(
+                "3 peer",
+                "server CPU per operation (mixed)",
+                peer["server_cpu"]["ccm"].show(),
+                f"{_ratio(peer['server_cpu']['ccm'], peer['server_cpu']['seed']):.2f}× seed",
+                note=f"seed {peer['server_cpu']['seed'].show()}",
+            )
+        )
     conns = results.get("connections")
     if conns:
         c, s = conns["ccm"], conns["seed"]
         per, per_seed = c["bytes_per_connection"], s["bytes_per_connection"]
-        out.append(Row("4 connections", "memory per idle connection",
-                       f"{per / KB:.1f} KB", f"{per / per_seed:.2f}× seed" if per_seed else "",
-                       "≤ 40 KB", per <= 40 * KB,
-                       f"RSS {c['rss_before'] / 2**20:.0f} → {c['rss_after'] / 2**20:.0f} MiB; "
-                       f"seed {per_seed / KB:.1f} KB"))
-        out.append(Row("4 connections", "idle connections held at once", f"{c['held']:,}",
-                       "", f"{conns['count']:,} held", c["held"] >= conns["count"]
-                       and c["alive_at_end"] >= conns["count"],
-                       f"{c['failures']} failed; {c['alive_at_end']:,} still open at the end; "
-                       f"{c.get('connection_rows', 0):,} connection rows in SQL"))
-        out.append(Row("4 connections", "registrations/s (200 at a time, persisted)",
-                       f"{c['registrations_per_s']:,.0f}",
-                       f"{c['registrations_per_s'] / s['registrations_per_s']:.2f}× seed",
-                       note=f"seed {s['registrations_per_s']:,.0f}"))
+        out.append(
+            Row(
+                "4 connections",
+                "memory per idle connection",
+                f"{per / KB:.1f} KB",
+                f"{per / per_seed:.2f}× seed" if per_seed else "",
+                "≤ 40 KB",
+                per <= 40 * KB,
+                f"RSS {c['rss_before'] / 2**20:.0f} → {c['rss_after'] / 2**20:.0f} MiB; "
+                f"seed {per_seed / KB:.1f} KB",
+            )
+        )
+        out.append(
+            Row(
+                "4 connections",
+                "idle connections held at once",
+                f"{c['held']:,}",
+                "",
+                f"{conns['count']:,} held",
+                c["held"] >= conns["count"] and c["alive_at_end"] >= conns["count"],
+                f"{c['failures']} failed; {c['alive_at_end']:,} still open at the end; "
+                f"{c.get('connection_rows', 0):,} connection rows in SQL",
+            )
+        )
+        out.append(
+            Row(
+                "4 connections",
+                "registrations/s (200 at a time, persisted)",
+                f"{c['registrations_per_s']:,.0f}",
+                f"{c['registrations_per_s'] / s['registrations_per_s']:.2f}× seed",
+                note=f"seed {s['registrations_per_s']:,.0f}",
+            )
+        )
         if peer:
             cyc = peer["figures"]["ccm"]["cycles_per_s"]
-            out.append(Row("4 connections", "connect/register/disconnect cycles/s (SQLite)",
-                           cyc.show(), note="from (3), 32 workers, history persisted"))
+            out.append(
+                Row(
+                    "4 connections",
+                    "connect/register/disconnect cycles/s (SQLite)",
+                    cyc.show(),
+                    note="from (3), 32 workers, history persisted",
+                )
+            )
     clean = results.get("cleanup")
     if clean:
         for name, r in clean.items():
             idle = r.get("idle_rows_per_s")
-            rest = (f"; the remaining {r['idle_deleted']:,} with no live load: "
-                    f"{idle:,.0f} rows/s" if idle else "")
-            out.append(Row("5 cleanup",
-                           f"{name}: delete finished sessions under a live load",
-                           f"{r['rows_per_s']:,.0f} rows/s", "", "≥ 100,000 rows/s",
-                           r["rows_per_s"] >= 100_000,
-                           f"{r['deleted']:,} rows in {r['seconds']:.1f} s (batch size "
-                           f"5,000, paced by run_cleanup){rest}; {r['left']:,} left"))
+            rest = (
+                f"; the remaining {r['idle_deleted']:,} with no live load: {idle:,.0f} rows/s"
+                if idle
+                else ""
+            )
+            out.append(
+                Row(
+                    "5 cleanup",
+                    f"{name}: delete finished sessions under a live load",
+                    f"{r['rows_per_s']:,.0f} rows/s",
+                    "",
+                    "≥ 100,000 rows/s",
+                    r["rows_per_s"] >= 100_000,
+                    f"{r['deleted']:,} rows in {r['seconds']:.1f} s (batch size "
+                    f"5,000, paced by run_cleanup){rest}; {r['left']:,} left",
+                )
+            )
             up = r["p99_during_ms"] / r["p99_before_ms"] - 1 if r["p99_before_ms"] else 0.0
-            out.append(Row("5 cleanup", f"{name}: live relay p99 before → during",
-                           f"{r['p99_before_ms']:.1f} → {r['p99_during_ms']:.1f} ms",
-                           f"{up:+.0%}", "p99 up ≤ 20%", up <= 0.20,
-                           f"at {r['relay_rate']:,.0f} tasks/s offered; p50 "
-                           f"{r['p50_before_ms']:.1f} → {r['p50_during_ms']:.1f} ms; "
-                           f"{r['tasks_during']:,} tasks during"))
+            out.append(
+                Row(
+                    "5 cleanup",
+                    f"{name}: live relay p99 before → during",
+                    f"{r['p99_before_ms']:.1f} → {r['p99_during_ms']:.1f} ms",
+                    f"{up:+.0%}",
+                    "p99 up ≤ 20%",
+                    up <= 0.20,
+                    f"at {r['relay_rate']:,.0f} tasks/s offered; p50 "
+                    f"{r['p50_before_ms']:.1f} → {r['p50_during_ms']:.1f} ms; "
+                    f"{r['tasks_during']:,} tasks during",
+                )
+            )
             a = r["audit"]
-            for key, label in (("connection_history_ms", "connection history of one client"),
-                               ("device_day_ms", "sessions of one device in a day")):
+            for key, label in (
+                ("connection_history_ms", "connection history of one client"),
+                ("device_day_ms", "sessions of one device in a day"),
+            ):
                 fig = a[key]
-                out.append(Row("5 audit", f"{name}: {label} at {r['rows']:,} rows",
-                               fig.show(), "", "< 20 ms", fig.median < 20,
-                               f"p95 {_p(fig, 95):.2f} ms over {len(fig.samples)} queries"))
+                out.append(
+                    Row(
+                        "5 audit",
+                        f"{name}: {label} at {r['rows']:,} rows",
+                        fig.show(),
+                        "",
+                        "< 20 ms",
+                        fig.median < 20,
+                        f"p95 {_p(fig, 95):.2f} ms over {len(fig.samples)} queries",
+                    )
+                )
     return out
 
 
@@ -138,16 +232,21 @@ def table(results: dict[str, Any]) -> str:
     rs = rows(results)
     headers = ("section", "figure", "median (min–max)", "ratio", "target", "", "notes")
     data = [(r.section, r.name, r.value, r.ratio, r.target, r.verdict, r.note) for r in rs]
-    widths = [max(len(h), *(len(d[i]) for d in data)) if data else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+    widths = [
+        max(len(h), *(len(d[i]) for d in data)) if data else len(h) for i, h in enumerate(headers)
+    ]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     for d in data:
         lines.append("  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)).rstrip())
     missed = [r for r in rs if r.met is False]
     lines.append("")
-    lines.append(f"targets met: {sum(1 for r in rs if r.met)}, missed: {len(missed)}; "
-                 f"runtime {results.get('runtime_s', 0):.0f} s")
+    lines.append(
+        f"targets met: {sum(1 for r in rs if r.met)}, missed: {len(missed)}; "
+        f"runtime {results.get('runtime_s', 0):.0f} s"
+    )
     return "\n".join(lines)
 
 
@@ -155,22 +254,30 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     rs = rows(results)
     out = ["# Benchmark results", ""]
-    out.append(f"Generated by `{results['command']}` on {results['started']} "
-               f"(runtime {results['runtime_s']:.0f} s). Do not edit by hand: run it again.")
+    out.append(
+        f"Generated by `{results['command']}` on {results['started']} "
+        f"(runtime {results['runtime_s']:.0f} s). Do not edit by hand: run it again."
+    )
     out.append("")
     out.append("## Machine")
     out.append("")
-    out.append(f"- {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-               f"Python {m['python']}; open-files limit {m['nofile']:,}")
-    out.append(f"- load average at start: {m['load_at_start']} (the machine is shared: other "
-               "test runs compete for the two cores, so compare ratios within this run)")
+    out.append(
+        f"- {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}; open-files limit {m['nofile']:,}"
+    )
+    out.append(
+        f"- load average at start: {m['load_at_start']} (the machine is shared: other "
+        "test runs compete for the two cores, so compare ratios within this run)"
+    )
     out.append("- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     out.append(f"- PostgreSQL: {results['postgres'] or 'not reachable, skipped'}")
     out.append("")
     out.append("## Results")
     out.append("")
-    out.append("Each figure: median over the repeats of this run, (min–max) after it. "
-               "Ratios compare medians of the same run.")
+    out.append(
+        "Each figure: median over the repeats of this run, (min–max) after it. "
+        "Ratios compare medians of the same run."
+    )
     out.append("")
     out.append("| section | figure | median (min–max) | ratio | target | met | notes |")
     out.append("|---|---|---|---|---|---|---|")
@@ -231,11 +338,13 @@ def _details(results: dict[str, Any]) -> list[str]:
         out.append("")
         for name, r in clean.items():
             fill = r["fill"]
-            out.append(f"**{name}**: inserted {r['rows']:,} sessions at "
-                       f"{fill['sessions_rows_per_s']:,.0f} rows/s and {r['rows']:,} connections "
-                       f"at {fill['connections_rows_per_s']:,.0f} rows/s, indexes built in "
-                       f"{fill['index_build_s']:.1f} s; "
-                       f"{r['audit']['rows_per_query']['day']:.0f} sessions per device-day.")
+            out.append(
+                f"**{name}**: inserted {r['rows']:,} sessions at "
+                f"{fill['sessions_rows_per_s']:,.0f} rows/s and {r['rows']:,} connections "
+                f"at {fill['connections_rows_per_s']:,.0f} rows/s, indexes built in "
+                f"{fill['index_build_s']:.1f} s; "
+                f"{r['audit']['rows_per_query']['day']:.0f} sessions per device-day."
+            )
             out.append("")
             for label, plan in r["audit"]["plans"].items():
                 out.append(f"{name}, {label}:")
@@ -251,8 +360,10 @@ def _details(results: dict[str, Any]) -> list[str]:
             out.append("")
             out.append(f"Skipped: {prof['skipped']}.")
             out.append("")
-        for name, title in (("relay", "relay, 64 sessions in flight"),
-                            ("peer", "peer workload (registrations, heartbeats, device info)")):
+        for name, title in (
+            ("relay", "relay, 64 sessions in flight"),
+            ("peer", "peer workload (registrations, heartbeats, device info)"),
+        ):
             p = prof.get(name)
             if not p:
                 continue
@@ -262,16 +373,21 @@ def _details(results: dict[str, Any]) -> list[str]:
                 out.append(f"Skipped: {p['skipped']}.")
                 out.append("")
                 continue
-            out.append(f"{p['samples']:,} samples of the thread holding the GIL, by where the "
-                       "time goes (the leaf-most matching frame decides):")
+            out.append(
+                f"{p['samples']:,} samples of the thread holding the GIL, by where the "
+                "time goes (the leaf-most matching frame decides):"
+            )
             out.append("")
             out.append("| where the time goes | share |")
             out.append("|---|---|")
             for category, share in p["categories"]:
                 out.append(f"| {category} | {share:.0%} |")
             out.append("")
-            out.append("Top functions by own samples: " + "; ".join(
-                f"{fn} {share:.1%}" for fn, share in p["self"][:10]) + ".")
+            out.append(
+                "Top functions by own samples: "
+                + "; ".join(f"{fn} {share:.1%}" for fn, share in p["self"][:10])
+                + "."
+            )
             out.append("")
     out.append(LIMITS)
     return out

@@ -68,8 +68,9 @@ def create_app() -> FastAPI:
         client_id = first.client_id or ""
         client_type = ClientType(first.client_type.value)
         metadata = first.metadata or {}
-        registry.add_client(client_id, metadata.get("platform", "windows"), websocket,
-                            client_type, metadata)
+        registry.add_client(
+            client_id, metadata.get("platform", "windows"), websocket, client_type, metadata
+        )
         logger.info("Registered client %s (%s)", client_id, client_type.value)
         await websocket.send_text(server_message("heartbeat", "ok"))
         try:
@@ -85,8 +86,9 @@ def create_app() -> FastAPI:
                         "error": f"Device {msg.target_id} not found or no system info available"
                     }
                     await websocket.send_text(
-                        server_message("device_info_response", "ok", result=result,
-                                       response_id=msg.request_id)
+                        server_message(
+                            "device_info_response", "ok", result=result, response_id=msg.request_id
+                        )
                     )
                 else:
                     await websocket.send_text(
@@ -107,11 +109,20 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     raise_nofile_limit()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
     print(json.dumps({"pid": os.getpid()}), flush=True)
-    uvicorn.run(create_app(), host="127.0.0.1", port=args.port, log_config=None,
-                ws_per_message_deflate=False, server_header=False)
+    uvicorn.run(
+        create_app(),
+        host="127.0.0.1",
+        port=args.port,
+        log_config=None,
+        ws_per_message_deflate=False,
+        server_header=False,
+    )
 
 
 if __name__ == "__main__":

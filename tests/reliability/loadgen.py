@@ -279,7 +279,9 @@ class Run:
             async def worker(w: int) -> None:
                 while not self.stopping.is_set():
                     sid = f"{self.args.prefix}-{self.tag}-s{j}.{w}.{next(counter)}"
-                    future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                    future: asyncio.Future[dict[str, Any]] = (
+                        asyncio.get_running_loop().create_future()
+                    )
                     waiting[sid] = future
                     self.rec.sent[sid] = time.time()
                     await ws.send(

@@ -58,4 +58,6 @@ async def main(port: int, role: str, client_id: str, target: str | None) -> None
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None))
+    asyncio.run(
+        main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    )

@@ -62,9 +62,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll `predicate` until it returns something truthy; AssertionError after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -120,7 +118,11 @@ class ServeProcess:
         self.env = {
             **os.environ,
             # To check that a test fails without a fix: point this at an older tree of ccm.
-            **({"PYTHONPATH": old} if (old := os.environ.get("CCM_RELIABILITY_SERVER_PYTHONPATH")) else {}),
+            **(
+                {"PYTHONPATH": old}
+                if (old := os.environ.get("CCM_RELIABILITY_SERVER_PYTHONPATH"))
+                else {}
+            ),
             "CCM_DATA_DIR": str(workdir / "data"),
             "CCM_CLEANUP_ENABLED": "false",
             **(env or {}),
@@ -170,14 +172,18 @@ class ServeProcess:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.process.poll() is not None:
-                raise AssertionError(f"ccm serve exited with {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(
+                    f"ccm serve exited with {self.process.returncode}:\n{self.log()}"
+                )
             try:
                 if httpx.get(f"{self.http_url}/healthz", timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"ccm serve not healthy within {START_TIMEOUT} s:\n{self.log()}")
+                raise AssertionError(
+                    f"ccm serve not healthy within {START_TIMEOUT} s:\n{self.log()}"
+                )
             time.sleep(0.05)
 
     def kill(self) -> None:
@@ -279,7 +285,9 @@ class LoadGen:
         except (OSError, ValueError):
             return {}
 
-    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+    def wait(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             if self.process.poll() is not None:
                 raise AssertionError(f"load generator exited early:\n{self.log()}")
@@ -312,7 +320,9 @@ class LoadGen:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def latency_figures(result: dict[str, Any], since: float = 0.0, until: float = float("inf")) -> dict[str, Any]:
+def latency_figures(
+    result: dict[str, Any], since: float = 0.0, until: float = float("inf")
+) -> dict[str, Any]:
     """p50/p99 of the load generator's samples that started and ended in [since, until)."""
     beats = [rtt for t, rtt in result["heartbeat_rtt"] if since <= t and t + rtt < until]
     runs = [rtt for t, rtt in result["session_rtt"] if since <= t and t + rtt < until]
@@ -339,7 +349,13 @@ class Proxy:
 
     def start(self) -> Proxy:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.proxy", str(self.port), str(self.target_port)],
+            [
+                sys.executable,
+                "-m",
+                "tests.reliability.proxy",
+                str(self.port),
+                str(self.target_port),
+            ],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -364,8 +380,10 @@ class Proxy:
         self.process.send_signal(signal.SIGCONT)
 
     def url_for(self, database_url: str) -> str:
-        return make_url(database_url).set(host="127.0.0.1", port=self.port).render_as_string(
-            hide_password=False
+        return (
+            make_url(database_url)
+            .set(host="127.0.0.1", port=self.port)
+            .render_as_string(hide_password=False)
         )
 
 
@@ -453,7 +471,9 @@ def open_connections(engine: Engine) -> dict[str, int]:
 
 def online_in_sql(engine: Engine) -> set[str]:
     with engine.connect() as conn:
-        return set(conn.execute(select(clients.c.client_id).where(clients.c.online.is_(True))).scalars())
+        return set(
+            conn.execute(select(clients.c.client_id).where(clients.c.online.is_(True))).scalars()
+        )
 
 
 def connection_counts(engine: Engine) -> dict[str, int]:
@@ -569,9 +589,7 @@ class RawWs:
             raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
         return cls(reader, writer)
 
-    def send_frame(
-        self, opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0
-    ) -> None:
+    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> None:
         head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
         n = len(payload)
         if n < 126:

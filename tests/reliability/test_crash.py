@@ -164,11 +164,14 @@ def test_kill_9_under_load_loses_nothing_acknowledged(
     for run_id in killed_runs:
         reasons = disconnect_reasons(db, server_run_id=run_id)
         assert reasons.get("server_restart", 0) > 0, reasons
-        assert set(reasons) <= {"server_restart", "server_shutdown", "closed", "connection_lost"}, reasons
+        assert set(reasons) <= {"server_restart", "server_shutdown", "closed", "connection_lost"}, (
+            reasons
+        )
     with db.connect() as conn:
         stopped = conn.execute(select(server_runs.c.stopped_at)).scalars().all()
         rows_total = conn.execute(select(connections.c.connection_id)).all()
-    assert len(stopped) == len(killed_runs) + 1 and all(s is not None for s in stopped)
+    assert len(stopped) == len(killed_runs) + 1
+    assert all(s is not None for s in stopped)
     assert integrity_check(db) == "ok"
     assert server.problems() == []
     record(

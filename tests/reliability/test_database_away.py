@@ -158,7 +158,10 @@ async def _probe(server: ServeProcess, pool: RawPool, name: str) -> dict[str, An
     device = await pool.connect()
     reply = await device.register(
         f"{name}-dev",
-        metadata={"platform": "linux", "system_info": {"device_id": f"{name}-dev", "platform": "linux"}},
+        metadata={
+            "platform": "linux",
+            "system_info": {"device_id": f"{name}-dev", "platform": "linux"},
+        },
     )
     assert reply["status"] == "ok", reply
     registered = time.monotonic() - started
@@ -245,7 +248,12 @@ def test_database_away_under_load(
     assert drained["status"] == "healthy"
     assert max_depth > 0
     loss = check_sessions(db, result)
-    assert (loss.missing, loss.completed_lost, loss.not_finished, loss.duplicates) == (0, 0, 0, 0), loss
+    assert (loss.missing, loss.completed_lost, loss.not_finished, loss.duplicates) == (
+        0,
+        0,
+        0,
+        0,
+    ), loss
     # Every registration a client was confirmed has its connection row: none lost in the queue.
     counts = connection_counts(db)
     for client_id, n in result["registrations_by_client"].items():
@@ -253,7 +261,8 @@ def test_database_away_under_load(
     assert counts.get("probe-dev") == 1
     assert server.problems(*OUTAGE_LOG) == []
     refused = [
-        s for s in result["sessions"].values()
+        s
+        for s in result["sessions"].values()
         if began <= s["sent"] < ended and s["status"] == "failed" and s["acked"] is None
     ]
     record(
@@ -271,7 +280,10 @@ def test_database_away_under_load(
         completed_held_through_outage=sum(
             1
             for s in result["sessions"].values()
-            if s["acked"] and s["acked"] < began and s["status"] == "completed" and s["ended"] >= ended
+            if s["acked"]
+            and s["acked"] < began
+            and s["status"] == "completed"
+            and s["ended"] >= ended
         ),
         sessions_refused_during_outage=len(refused),
         sessions_acked=loss.acked,
@@ -351,7 +363,9 @@ def test_at_the_queue_bound_new_sessions_are_refused_and_registrations_work(
         device = await pool.connect()
         await device.register("bound-dev", metadata={"ccm_execution": "relay"})
         con = await pool.connect()
-        await con.register("bound-con@bound-dev", client_type="constellation", target_id="bound-dev")
+        await con.register(
+            "bound-con@bound-dev", client_type="constellation", target_id="bound-dev"
+        )
         stop = asyncio.Event()
         answering = asyncio.create_task(_relay_device(device, "bound-dev", stop))
         ok = await _task(con, "bound-con@bound-dev", "bound-dev", "before")
@@ -392,12 +406,15 @@ def test_at_the_queue_bound_new_sessions_are_refused_and_registrations_work(
     seen = asyncio.run(scenario())
     assert server.terminate() == 0, server.log()
     errors = [f for f in seen["refused"] if f["type"] == "error"]
-    assert len(errors) == 1 and "new sessions are refused" in errors[0]["error"], seen["refused"]
+    assert len(errors) == 1, seen["refused"]
+    assert "new sessions are refused" in errors[0]["error"], seen["refused"]
     assert not any(f["type"] == "heartbeat" for f in seen["refused"]), "refused session was ACKed"
     assert seen["refused"][-1]["status"] == "failed"
     status, body = seen["dispatch"]
-    assert status == 503 and "new sessions are refused" in body["detail"], seen["dispatch"]
-    assert seen["late"][0]["status"] == "ok" and seen["late"][1]["status"] == "ok"
+    assert status == 503, seen["dispatch"]
+    assert "new sessions are refused" in body["detail"], seen["dispatch"]
+    assert seen["late"][0]["status"] == "ok"
+    assert seen["late"][1]["status"] == "ok"
     assert seen["after"][-1]["status"] == "completed", seen["after"]
     counts = connection_counts(db)
     assert all(counts.get(f"filler-{i:04d}") == 1 for i in range(seen["filled"])), "lost rows"
@@ -416,7 +433,6 @@ def test_at_the_queue_bound_new_sessions_are_refused_and_registrations_work(
     )
 
 
-
 def test_kill_9_during_an_outage_loses_no_completed_result(
     serve: Callable[..., ServeProcess],
     loadgen: Callable[..., LoadGen],
@@ -430,7 +446,13 @@ def test_kill_9_during_an_outage_loses_no_completed_result(
     server = serve(env=SERVER_ENV, url=fault.url)
     # Devices take up to a second per task, so sessions acknowledged before the outage end in it.
     load = loadgen(
-        server.ws_url, "crashaway", devices=20, constellations=10, in_flight=2, task_delay=1.0, duration=600
+        server.ws_url,
+        "crashaway",
+        devices=20,
+        constellations=10,
+        in_flight=2,
+        task_delay=1.0,
+        duration=600,
     )
     load.wait(lambda p: p["online"] >= 30 and p["acks"] >= 40, 60, "load running")
     fault.begin()
@@ -446,9 +468,16 @@ def test_kill_9_during_an_outage_loses_no_completed_result(
     result = load.stop()
     assert server.terminate() == 0, server.log()
     loss = check_sessions(db, result)
-    assert (loss.missing, loss.completed_lost, loss.not_finished, loss.duplicates) == (0, 0, 0, 0), loss
+    assert (loss.missing, loss.completed_lost, loss.not_finished, loss.duplicates) == (
+        0,
+        0,
+        0,
+        0,
+    ), loss
     ended_in_outage = [
-        s for s in result["sessions"].values() if s["ended"] is not None and began <= s["ended"] < killed
+        s
+        for s in result["sessions"].values()
+        if s["ended"] is not None and began <= s["ended"] < killed
     ]
     assert server.problems(*OUTAGE_LOG) == []
     record(

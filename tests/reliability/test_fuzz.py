@@ -72,7 +72,13 @@ def _text(data: Any) -> bytes:
 
 
 def _heartbeat(client_id: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "heartbeat", "status": "ok", "client_type": "device", "client_id": client_id, **extra}
+    return {
+        "type": "heartbeat",
+        "status": "ok",
+        "client_type": "device",
+        "client_id": client_id,
+        **extra,
+    }
 
 
 def _one(kind: str, payload: Any, expect: str, *, opcode: int = OP_TEXT, **kw: Any) -> Case:
@@ -163,12 +169,28 @@ class Fuzz:
             frame = r.choice(
                 [
                     _heartbeat(other),
-                    {**_heartbeat(other), "type": "task", "status": "continue", "target_id": other,
-                     "session_id": f"forged-{r.randrange(10**6)}", "request": "x"},
-                    {**_heartbeat(me), "client_type": "constellation", "type": "task",
-                     "status": "continue", "target_id": other, "request": "x"},
-                    {**_heartbeat(me), "type": "device_info_request", "target_id": other,
-                     "request_id": "r"},
+                    {
+                        **_heartbeat(other),
+                        "type": "task",
+                        "status": "continue",
+                        "target_id": other,
+                        "session_id": f"forged-{r.randrange(10**6)}",
+                        "request": "x",
+                    },
+                    {
+                        **_heartbeat(me),
+                        "client_type": "constellation",
+                        "type": "task",
+                        "status": "continue",
+                        "target_id": other,
+                        "request": "x",
+                    },
+                    {
+                        **_heartbeat(me),
+                        "type": "device_info_request",
+                        "target_id": other,
+                        "request_id": "r",
+                    },
                 ]
             )
             return _one("forged_identity", frame, "error")
@@ -176,13 +198,27 @@ class Fuzz:
             frame = r.choice(
                 [
                     {**_heartbeat(me), "type": "register"},
-                    {**_heartbeat(me), "type": "command_results", "status": "continue",
-                     "session_id": f"s-{r.randrange(100)}", "prev_response_id": "c0c57bf3",
-                     "action_results": [{"status": "success", "result": "forged"}]},
-                    {**_heartbeat(me), "type": "task_end", "status": "completed",
-                     "session_id": f"s-{r.randrange(100)}", "metadata": {"result": "forged"}},
-                    {**_heartbeat(me), "type": "device_info_request", "target_id": me,
-                     "request_id": "r"},
+                    {
+                        **_heartbeat(me),
+                        "type": "command_results",
+                        "status": "continue",
+                        "session_id": f"s-{r.randrange(100)}",
+                        "prev_response_id": "c0c57bf3",
+                        "action_results": [{"status": "success", "result": "forged"}],
+                    },
+                    {
+                        **_heartbeat(me),
+                        "type": "task_end",
+                        "status": "completed",
+                        "session_id": f"s-{r.randrange(100)}",
+                        "metadata": {"result": "forged"},
+                    },
+                    {
+                        **_heartbeat(me),
+                        "type": "device_info_request",
+                        "target_id": me,
+                        "request_id": "r",
+                    },
                 ]
             )
             return _one("replayed_or_out_of_place", frame, "error")
@@ -191,8 +227,12 @@ class Fuzz:
                 [
                     {**_heartbeat(me), "type": "error", "status": "error", "error": self.garbage()},
                     # Log forging: a client's text must not become a log line of its own.
-                    {**_heartbeat(me), "type": "error", "status": "error",
-                     "error": "x\n2026-01-01 00:00:00,000 ERROR   forged.by.client: line"},
+                    {
+                        **_heartbeat(me),
+                        "type": "error",
+                        "status": "error",
+                        "error": "x\n2026-01-01 00:00:00,000 ERROR   forged.by.client: line",
+                    },
                     {**_heartbeat(me), "type": "device_info_response", "result": {"x": 1}},
                 ]
             )
@@ -212,8 +252,13 @@ class Fuzz:
             return _one("unstorable_value", payload, "error")
         if choice < 90:
             session = f"own-{r.randrange(10**9)}"
-            frame = {**_heartbeat(me), "type": "task", "status": "continue", "session_id": session,
-                     "request": "natural language, no runner"}
+            frame = {
+                **_heartbeat(me),
+                "type": "task",
+                "status": "continue",
+                "session_id": session,
+                "request": "natural language, no runner",
+            }
             return _one("valid_own_task", frame, "no_error")
         if choice < 93:
             return _one("ping", b"fuzz", "silent", opcode=OP_PING)
@@ -233,17 +278,40 @@ class Fuzz:
         r = self.rng
         choice = r.randrange(7)
         if choice == 0:
-            return _one("invalid_utf8", b'{"type": "heartbeat", "x": "\xff\xfe"}', "close", codes=frozenset({1007}))
+            return _one(
+                "invalid_utf8",
+                b'{"type": "heartbeat", "x": "\xff\xfe"}',
+                "close",
+                codes=frozenset({1007}),
+            )
         if choice == 1:
-            return _one("oversized", b"x" * (MAX_FRAME + r.randint(1, 5000)), "close", codes=frozenset({1009}))
+            return _one(
+                "oversized",
+                b"x" * (MAX_FRAME + r.randint(1, 5000)),
+                "close",
+                codes=frozenset({1009}),
+            )
         if choice == 2:
-            return _one("reserved_opcode", b"abc", "close", opcode=r.choice([3, 4, 7, 0xB, 0xF]), codes=frozenset({1002}))
+            return _one(
+                "reserved_opcode",
+                b"abc",
+                "close",
+                opcode=r.choice([3, 4, 7, 0xB, 0xF]),
+                codes=frozenset({1002}),
+            )
         if choice == 3:
-            return Case("rsv_bits", [(OP_TEXT, _text(_heartbeat(self.me)), {"rsv": 2})], "close", frozenset({1002}))
+            return Case(
+                "rsv_bits",
+                [(OP_TEXT, _text(_heartbeat(self.me)), {"rsv": 2})],
+                "close",
+                frozenset({1002}),
+            )
         if choice == 4:
             return Case("orphan_continuation", [(OP_CONT, b"abc", {})], "close", frozenset({1002}))
         if choice == 5:
-            return _one("oversized_ping", b"p" * 200, "close", opcode=OP_PING, codes=frozenset({1002}))
+            return _one(
+                "oversized_ping", b"p" * 200, "close", opcode=OP_PING, codes=frozenset({1002})
+            )
         return Case("bad_frame_burst", [(OP_TEXT, b"{", {})] * 20, "close", frozenset({1007}))
 
     def first_frame(self) -> Case:
@@ -253,12 +321,26 @@ class Fuzz:
         if choice == 0:
             return _one("pre_malformed", self.garbage(), "error_close", codes=frozenset({1007}))
         if choice == 1:
-            return _one("pre_binary", _text({"type": "register", "status": "ok", "client_id": me}), "error_close", opcode=OP_BINARY, codes=frozenset({1007}))
+            return _one(
+                "pre_binary",
+                _text({"type": "register", "status": "ok", "client_id": me}),
+                "error_close",
+                opcode=OP_BINARY,
+                codes=frozenset({1007}),
+            )
         if choice == 2:
-            frame = {"type": "task", "status": "continue", "client_id": me, "target_id": me, "request": "x"}
+            frame = {
+                "type": "task",
+                "status": "continue",
+                "client_id": me,
+                "target_id": me,
+                "request": "x",
+            }
             return _one("task_before_register", frame, "error_close", codes=frozenset({1008}))
         if choice == 3:
-            return _one("heartbeat_before_register", _heartbeat(me), "error_close", codes=frozenset({1008}))
+            return _one(
+                "heartbeat_before_register", _heartbeat(me), "error_close", codes=frozenset({1008})
+            )
         if choice == 4:
             frame = {"type": "register", "status": "ok", "client_id": r.choice(["", "   ", None])}
             return _one("register_without_id", frame, "error_close", codes=frozenset({1008}))
@@ -269,8 +351,13 @@ class Fuzz:
             frame = {"type": "register", "status": "ok", "client_id": me, "metadata": "x"}
             return _one("register_wrong_types", frame, "error_close", codes=frozenset({1007}))
         if choice == 7:
-            frame = {"type": "register", "status": "ok", "client_type": "constellation",
-                     "client_id": f"{me}@nowhere", "target_id": "no-such-device"}
+            frame = {
+                "type": "register",
+                "status": "ok",
+                "client_type": "constellation",
+                "client_id": f"{me}@nowhere",
+                "target_id": "no-such-device",
+            }
             return _one("register_unknown_target", frame, "error_close", codes=frozenset({1008}))
         if choice == 8 and self.others:
             frame = {"type": "register", "status": "ok", "client_id": r.choice(self.others)}
@@ -278,7 +365,12 @@ class Fuzz:
         if choice == 9:
             payload = f'{{"type":"register","status":"ok","client_id":"{r.choice(UNSTORABLE)}"}}'
             return _one("register_unstorable_id", payload, "error_close", codes=frozenset({1007}))
-        return _one("pre_invalid_utf8", b'{"type": "register", "client_id": "\xc3\x28"}', "close", codes=frozenset({1007}))
+        return _one(
+            "pre_invalid_utf8",
+            b'{"type": "register", "client_id": "\xc3\x28"}',
+            "close",
+            codes=frozenset({1007}),
+        )
 
 
 @dataclass
@@ -444,8 +536,12 @@ def test_websocket_fuzzer_next_to_well_behaved_clients(
     the well-behaved clients see nothing; registry and SQL agree afterwards."""
     server = serve(env=ENV, log_level="INFO")
     devices, constellations = scale(30, 100), scale(6, 20)
-    load = loadgen(server.ws_url, "calm", devices=devices, constellations=constellations, duration=900)
-    progress = load.wait(lambda p: p["online"] >= devices + constellations and p["acks"] >= 30, 60, "load")
+    load = loadgen(
+        server.ws_url, "calm", devices=devices, constellations=constellations, duration=900
+    )
+    progress = load.wait(
+        lambda p: p["online"] >= devices + constellations and p["acks"] >= 30, 60, "load"
+    )
     others = [f"calm-dev-{i:05d}" for i in range(devices)]
     began = time.time()
     tally = asyncio.run(_fuzz_all(server.port, others))
@@ -467,7 +563,8 @@ def test_websocket_fuzzer_next_to_well_behaved_clients(
     assert (loss.missing, loss.completed_lost, loss.not_finished, loss.duplicates) == (0, 0, 0, 0)
     failed = [s for s in result["sessions"].values() if s["status"] not in (None, "completed")]
     assert failed == [], failed[:3]
-    assert consistency["registry_equals_sql"] and consistency["live"] == 0, consistency
+    assert consistency["registry_equals_sql"], consistency
+    assert consistency["live"] == 0, consistency
     assert stats["active_sessions"] == 0, stats
     # Every registration has its row; the server's closes are recorded with the right reason.
     with db.connect() as conn:
@@ -477,7 +574,11 @@ def test_websocket_fuzzer_next_to_well_behaved_clients(
         assert per_client[client_id] == n, (client_id, n, per_client[client_id])
     reasons = {client_id: reason for client_id, reason in rows if client_id in tally.server_closes}
     expected = {1007: "protocol_error", 1002: "protocol_error", 1009: "frame_too_large"}
-    wrong = {c: (code, reasons.get(c)) for c, code in tally.server_closes.items() if reasons.get(c) != expected[code]}
+    wrong = {
+        c: (code, reasons.get(c))
+        for c, code in tally.server_closes.items()
+        if reasons.get(c) != expected[code]
+    }
     assert wrong == {}, wrong
     record(
         "fuzz",

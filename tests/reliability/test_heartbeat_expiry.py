@@ -128,10 +128,17 @@ def test_frozen_device_and_frozen_constellation_expire(
             device = frozen(server.port, "device", "hb-dev-1")
             assert device.wait_for("registered")["status"] == "ok"
             con = await pool.connect()
-            await con.register("hb-con-1@hb-dev-1", client_type="constellation", target_id="hb-dev-1")
+            await con.register(
+                "hb-con-1@hb-dev-1", client_type="constellation", target_id="hb-dev-1"
+            )
             await con.send_json(
-                type="task", status="continue", client_type="constellation",
-                client_id="hb-con-1@hb-dev-1", target_id="hb-dev-1", session_id="hb-s1", request="x",
+                type="task",
+                status="continue",
+                client_type="constellation",
+                client_id="hb-con-1@hb-dev-1",
+                target_id="hb-dev-1",
+                session_id="hb-s1",
+                request="x",
             )
             ack = await con.recv_json()
             assert (ack["type"], ack["session_id"]) == ("heartbeat", "hb-s1")
@@ -166,7 +173,14 @@ def test_frozen_device_and_frozen_constellation_expire(
     figures = {}
     for client_id, last, told, session_id, state, error in [
         ("hb-dev-1", seen["device_last"], seen["told_con"], "hb-s1", "failed", DEVICE_GONE),
-        ("hb-con-2@hb-dev-2", seen["con_last"], seen["told_dev"], seen["session2"], "cancelled", CONSTELLATION_GONE),
+        (
+            "hb-con-2@hb-dev-2",
+            seen["con_last"],
+            seen["told_dev"],
+            seen["session2"],
+            "cancelled",
+            CONSTELLATION_GONE,
+        ),
     ]:
         row = rows[client_id]
         assert row.disconnect_reason == "heartbeat_timeout", row

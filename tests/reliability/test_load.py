@@ -36,7 +36,9 @@ def _idle(server: ServeProcess) -> dict[str, Any]:
 
     def empty() -> dict[str, Any] | None:
         stats = server.get("/api/stats")
-        quiet = stats["total"] == 0 and stats["active_sessions"] == 0 and stats["live_sessions"] == 0
+        quiet = (
+            stats["total"] == 0 and stats["active_sessions"] == 0 and stats["live_sessions"] == 0
+        )
         return stats if quiet else None
 
     stats = wait_until(empty, 60, "the registry and session maps to empty", interval=0.2)
@@ -88,7 +90,8 @@ def test_connections_come_and_go_without_leaks(
                 **latency_figures(result),
             }
         )
-    assert open_connections(db) == {} and online_in_sql(db) == set()
+    assert open_connections(db) == {}
+    assert online_in_sql(db) == set()
     with db.connect() as conn:
         live_rows = conn.execute(
             select(func.count()).where(sessions.c.state.in_(["pending", "running"]))

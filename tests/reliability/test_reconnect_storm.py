@@ -51,7 +51,9 @@ def test_storm_after_drop_and_after_restart(
     first.wait(lambda p: p["online"] >= CLIENTS, 120, "all clients online")
     first.kill()  # every socket reset by the kernel at once
     dropped = time.monotonic()
-    second = loadgen(server.ws_url, "storm2", prefix="storm", devices=CLIENTS, constellations=0, duration=600)
+    second = loadgen(
+        server.ws_url, "storm2", prefix="storm", devices=CLIENTS, constellations=0, duration=600
+    )
     second.wait(lambda p: p["online"] >= CLIENTS, 120, "all clients back")
     back_after_drop = time.monotonic() - dropped
     _consistent(server, db)
@@ -62,7 +64,9 @@ def test_storm_after_drop_and_after_restart(
     restarted = time.monotonic()
     server.start()
     second.wait(
-        lambda p: p["online"] >= CLIENTS and p["registrations"] >= at_restart["registrations"] + CLIENTS,
+        lambda p: (
+            p["online"] >= CLIENTS and p["registrations"] >= at_restart["registrations"] + CLIENTS
+        ),
         120,
         "all clients back after the restart",
     )
@@ -75,8 +79,14 @@ def test_storm_after_drop_and_after_restart(
     again = _registrations(second)
     for i in range(CLIENTS):
         client_id = f"storm-dev-{i:05d}"
-        assert counts.get(client_id) == 1 + again.get(client_id, 0), (client_id, counts.get(client_id))
-    assert set(disconnect_reasons(db, server_run_id=killed_run)) <= {"connection_lost", "server_restart"}
+        assert counts.get(client_id) == 1 + again.get(client_id, 0), (
+            client_id,
+            counts.get(client_id),
+        )
+    assert set(disconnect_reasons(db, server_run_id=killed_run)) <= {
+        "connection_lost",
+        "server_restart",
+    }
     assert server.problems() == []
     record(
         "reconnect_storm",
@@ -106,7 +116,9 @@ def test_storm_over_half_open_connections_with_takeover(
     frozen.wait(lambda p: p["online"] >= CLIENTS, 120, "all clients online")
     frozen.pause()
     began = time.monotonic()
-    fresh = loadgen(server.ws_url, "storm2", prefix="storm", devices=CLIENTS, constellations=0, duration=600)
+    fresh = loadgen(
+        server.ws_url, "storm2", prefix="storm", devices=CLIENTS, constellations=0, duration=600
+    )
     fresh.wait(lambda p: p["online"] >= CLIENTS, 120, "all ids taken over")
     took_over_in = time.monotonic() - began
     _consistent(server, db)
@@ -119,7 +131,10 @@ def test_storm_over_half_open_connections_with_takeover(
     again = _registrations(fresh)
     for i in range(CLIENTS):
         client_id = f"storm-dev-{i:05d}"
-        assert counts.get(client_id) == 1 + again.get(client_id, 0), (client_id, counts.get(client_id))
+        assert counts.get(client_id) == 1 + again.get(client_id, 0), (
+            client_id,
+            counts.get(client_id),
+        )
     reasons = disconnect_reasons(db)
     assert reasons.get("replaced", 0) >= CLIENTS, reasons
     assert server.problems() == []

@@ -44,7 +44,11 @@ class TestUnstorableText:
             '{"type":"heartbeat","status":"ok","metadata":{"x":NaN}}',
             '{"type":"heartbeat","status":"ok","metadata":{"x":-Infinity}}',
             '{"type":"heartbeat","status":"ok","metadata":{"x":1e999}}',
-            '{"type":"heartbeat","status":"ok","metadata":' + "[" * 900 + '"\\u0000"' + "]" * 900 + "}",
+            '{"type":"heartbeat","status":"ok","metadata":'
+            + "[" * 900
+            + '"\\u0000"'
+            + "]" * 900
+            + "}",
         ],
     )
     def test_frame_with_unstorable_value_is_invalid_payload(self, text: str) -> None:
@@ -65,12 +69,14 @@ class TestUnstorableText:
         writer = StoreWriter(engine)
         writer.start()
         try:
-            writer.submit(Write("system_info", params={"p_client_id": "\ud800", "p_system_info": None}))
             writer.submit(
-                Write("run_stopped", params={"p_run_id": "none", "p_at": None})
+                Write("system_info", params={"p_client_id": "\ud800", "p_system_info": None})
             )
+            writer.submit(Write("run_stopped", params={"p_run_id": "none", "p_at": None}))
             writer.flush().result(20)
-            assert writer.running and writer._thread is not None and writer._thread.is_alive()
+            assert writer.running
+            assert writer._thread is not None
+            assert writer._thread.is_alive()
             assert writer.stats().writes_failed == 1
         finally:
             writer.stop()
@@ -100,7 +106,8 @@ class TestStalledDatabase:
                 if writer.degraded:
                     break
                 threading.Event().wait(0.05)
-            assert writer.degraded and writer.stats().degraded
+            assert writer.degraded
+            assert writer.stats().degraded
             assert "waited" in (writer.stats().last_error or "")
             with pytest.raises(StoreUnavailable, match="new sessions are refused"):
                 writer.reserve()
@@ -172,7 +179,9 @@ class TestCloseCodes:
     own close overtook the kick's), and closes made by uvicorn itself for invalid UTF-8 or
     broken framing were recorded as `connection_lost`."""
 
-    def test_twenty_bad_frames_close_with_1007_and_protocol_error(self, server: ServerThread) -> None:
+    def test_twenty_bad_frames_close_with_1007_and_protocol_error(
+        self, server: ServerThread
+    ) -> None:
         """The close code is 1007 and the row says protocol_error."""
 
         async def scenario() -> int | None:
@@ -217,7 +226,9 @@ class TestCloseCodes:
             server.flush()
             with server.app.state.store.engine.connect() as conn:
                 found = conn.execute(
-                    select(connections.c.disconnect_reason).where(connections.c.client_id == client_id)
+                    select(connections.c.disconnect_reason).where(
+                        connections.c.client_id == client_id
+                    )
                 ).scalar()
             if found is not None:
                 assert found == reason
@@ -268,8 +279,13 @@ class TestLogLines:
     def test_client_text_stays_on_one_line(self) -> None:
         """Newlines in a message argument or a bound id are escaped."""
         record = logging.LogRecord(
-            "ccm.server.hub", logging.WARNING, __file__, 1, "client reported error error=%s",
-            ("x\n2026-01-01 00:00:00,000 ERROR   forged: line",), None,
+            "ccm.server.hub",
+            logging.WARNING,
+            __file__,
+            1,
+            "client reported error error=%s",
+            ("x\n2026-01-01 00:00:00,000 ERROR   forged: line",),
+            None,
         )
         record.ctx = {"client_id": "a\nb"}
         assert "\n" not in TextFormatter().format(record)
@@ -281,9 +297,14 @@ class TestLogLines:
         except UnicodeDecodeError:
             exc_info = sys.exc_info()
         record = logging.LogRecord(
-            "uvicorn.error", logging.ERROR, __file__, 1,
-            "Invalid UTF-8 sequence received from client.", (), exc_info,
+            "uvicorn.error",
+            logging.ERROR,
+            __file__,
+            1,
+            "Invalid UTF-8 sequence received from client.",
+            (),
+            exc_info,
         )
         assert HandledClientErrors().filter(record)
-        assert record.levelno == logging.WARNING and record.exc_info is None
-
+        assert record.levelno == logging.WARNING
+        assert record.exc_info is None

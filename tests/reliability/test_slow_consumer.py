@@ -36,7 +36,8 @@ async def _slow_consumer(port: int, i: int, removed_by: Callable[[str], bool]) -
     async with RawPool(port) as pool:
         device = await pool.connect()
         await device.register(
-            device_id, metadata={"system_info": {"device_id": device_id, "custom_metadata": BIG_INFO}}
+            device_id,
+            metadata={"system_info": {"device_id": device_id, "custom_metadata": BIG_INFO}},
         )
         con = await pool.connect(rcvbuf=4096)
         await con.register(con_id, client_type="constellation", target_id=device_id)
@@ -71,12 +72,21 @@ def test_slow_consumer_is_closed_and_others_are_not_stalled(
 ) -> None:
     """Each non-reading client is dropped within the send timeout plus a margin, recorded as
     `slow_consumer`; the other clients see no error and no drop and keep their sessions going."""
-    server = serve(env={"CCM_SERVER_SEND_TIMEOUT": f"{SEND_TIMEOUT}s", "CCM_SERVER_HEARTBEAT_INTERVAL": "30s"})
+    server = serve(
+        env={"CCM_SERVER_SEND_TIMEOUT": f"{SEND_TIMEOUT}s", "CCM_SERVER_HEARTBEAT_INTERVAL": "30s"}
+    )
     devices, constellations = scale(50, 200), scale(10, 40)
     load = loadgen(
-        server.ws_url, "others", devices=devices, constellations=constellations, heartbeat=0.25, duration=600
+        server.ws_url,
+        "others",
+        devices=devices,
+        constellations=constellations,
+        heartbeat=0.25,
+        duration=600,
     )
-    load.wait(lambda p: p["online"] >= devices + constellations and p["acks"] >= 50, 60, "load running")
+    load.wait(
+        lambda p: p["online"] >= devices + constellations and p["acks"] >= 50, 60, "load running"
+    )
     without_from = time.time()
     time.sleep(PHASE)
     with_from = time.time()
@@ -107,7 +117,8 @@ def test_slow_consumer_is_closed_and_others_are_not_stalled(
             ).all()
         )
     assert reasons == {one["client_id"]: "slow_consumer" for one in slow}
-    assert result["error_frames"] == [] and result["drops"] == 0
+    assert result["error_frames"] == []
+    assert result["drops"] == 0
     loss = check_sessions(db, result)
     assert (loss.missing, loss.completed_lost, loss.not_finished) == (0, 0, 0)
     assert server.problems() == []

@@ -14,9 +14,7 @@ from tests.server.support import ServerThread, make_settings
 
 
 @pytest.fixture
-def server_factory(
-    database_url: str, tmp_path: Path
-) -> Iterator[Callable[..., ServerThread]]:
+def server_factory(database_url: str, tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
     """Start servers on the test database: `server_factory(**{"server.heartbeat_interval": 2})`."""
     started: list[ServerThread] = []
 

@@ -178,7 +178,7 @@ async def send_task(
 async def answer_command(
     client: AipClient, command: dict[str, Any], results: list[dict[str, Any]]
 ) -> None:
-    """COMMAND_RESULTS the way the stock device builds them: one Result per action, call_ids copied."""
+    """COMMAND_RESULTS as the stock device builds them: one Result per action, call_ids copied."""
     action_results = [
         {**result, "call_id": action["call_id"]}
         for action, result in zip(command["actions"], results, strict=True)
@@ -241,7 +241,8 @@ class TestRegistration:
         assert online["current_connection_id"] == rows[0].connection_id
         assert rows[0].client_type == "device"
         assert rows[0].disconnected_at is None
-        assert rows[0].remote_address and rows[0].remote_address.startswith("127.0.0.1:")
+        assert rows[0].remote_address
+        assert rows[0].remote_address.startswith("127.0.0.1:")
         assert rows[0].server_run_id == server.app.state.store.run_id
 
         closed = closed_connection(server, "lab-pc-07")
@@ -428,7 +429,8 @@ def test_relay_task_round_trip(server: ServerThread) -> None:
     assert row.result == result
     assert (row.constellation_id, row.device_id) == ("nightly@lab-pc-07", "lab-pc-07")
     assert (row.task_name, row.request) == ("galaxy_nightly_task_3", "Export Q3.")
-    assert row.ended_at is not None and row.started_at is not None
+    assert row.ended_at is not None
+    assert row.started_at is not None
 
 
 def test_relay_task_end_from_another_device_is_refused(server: ServerThread) -> None:
@@ -485,7 +487,7 @@ def test_relay_task_end_from_another_device_is_refused(server: ServerThread) -> 
 
 class TestToolPlan:
     def test_tool_plan_round_trip_completes_with_results(self, server: ServerThread) -> None:
-        """Each plan step is one COMMAND (agent by platform, call_ids) answered by prev_response_id."""
+        """Each plan step is one COMMAND (agent by platform, call_ids), answered by response id."""
 
         async def scenario() -> dict[str, Any]:
             dev = await device(server, "linux-01", platform="linux")

@@ -27,10 +27,7 @@ BAD_NAME = (
 )
 
 
-
 # -- helpers ---------------------------------------------------------------------------------
-
-
 
 
 async def connect_device(server: ServerThread, client_id: str, **kwargs: Any) -> AipClient:

@@ -39,7 +39,8 @@ def test_sessions_beyond_the_per_client_limit_are_refused(
 
     ack0, ack1, error, task_end = asyncio.run(scenario())
     assert [ack0["session_id"], ack1["session_id"]] == ["lim@0", "lim@1"]
-    assert error["type"] == "error" and "too many running sessions" in error["error"]
+    assert error["type"] == "error"
+    assert "too many running sessions" in error["error"]
     assert (task_end["type"], task_end["status"], task_end["session_id"]) == (
         "task_end",
         "failed",

@@ -11,7 +11,9 @@ from tests.server.support import AipClient, ServerThread, make_settings
 
 def test_relay_works_without_a_database(tmp_path: Path) -> None:
     """A relayed task gets its ACK and TASK_END; health is fine, history is 503, no file made."""
-    settings = make_settings("sqlite:///unused.db", tmp_path / "data", **{"database.enabled": False})
+    settings = make_settings(
+        "sqlite:///unused.db", tmp_path / "data", **{"database.enabled": False}
+    )
     server = ServerThread(settings).start()
     try:
 
@@ -20,13 +22,25 @@ def test_relay_works_without_a_database(tmp_path: Path) -> None:
             assert (await dev.register_device("dev-1", relay=True))["status"] == "ok"
             con = await AipClient.connect(server.ws_url)
             assert (await con.register_constellation("c@dev-1", "dev-1"))["status"] == "ok"
-            await con.send(type="task", status="continue", client_type="constellation",
-                           client_id="c@dev-1", target_id="dev-1", session_id="c@t1",
-                           task_name="t1", request="noop")
+            await con.send(
+                type="task",
+                status="continue",
+                client_type="constellation",
+                client_id="c@dev-1",
+                target_id="dev-1",
+                session_id="c@t1",
+                task_name="t1",
+                request="noop",
+            )
             ack = await con.recv()
             task = await dev.recv_type("task")
-            await dev.send(type="task_end", status="completed", client_id="dev-1",
-                           session_id=task["session_id"], metadata={"result": 42})
+            await dev.send(
+                type="task_end",
+                status="completed",
+                client_id="dev-1",
+                session_id=task["session_id"],
+                metadata={"result": 42},
+            )
             end = await con.recv_type("task_end")
             await asyncio.gather(con.close(), dev.close())
             return ack, end

@@ -77,7 +77,9 @@ class TestMetrics:
         assert samples[("ccm_registrations_total", (("type", "constellation"),))] == 1
         assert samples[("ccm_disconnects_total", (("reason", "closed"),))] == 2
         assert (
-            samples[("ccm_sessions_started_total", (("mode", "agent"), ("origin", "constellation")))]
+            samples[
+                ("ccm_sessions_started_total", (("mode", "agent"), ("origin", "constellation")))
+            ]
             == 1
         )
         assert samples[("ccm_sessions_ended_total", (("state", "completed"),))] == 1
@@ -166,7 +168,6 @@ class TestLogs:
         assert "super-secret-key" not in text
         assert "token=[redacted]" in text
 
-
     def test_uvicorn_connection_chatter_is_dropped_at_info_only(self) -> None:
         """uvicorn's per-WebSocket INFO lines go (ccm logs its own per client); its other
         lines, and everything at WARNING or above, stay."""
@@ -192,11 +193,17 @@ class TestLogs:
         """The per-second cache of formatTime gives what logging.Formatter gives, also when
         records cross a second boundary or arrive out of order."""
         ours, stdlib = TextFormatter(), logging.Formatter()
-        for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_000.5,
-                        1_764_460_800.123):
+        for created in (
+            1_700_000_000.001,
+            1_700_000_000.999,
+            1_700_000_001.0,
+            1_700_000_000.5,
+            1_764_460_800.123,
+        ):
             record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
             record.created, record.msecs = created, (created - int(created)) * 1000
             assert ours.formatTime(record) == stdlib.formatTime(record), created
+
 
 class TestStatus:
     def test_status_summarises_a_running_server(self, server: ServerThread) -> None:

@@ -43,9 +43,11 @@ def test_a_frame_the_transport_takes_is_written_without_a_task() -> None:
     async def scenario() -> None:
         socket = _Socket()
         peer = _peer(socket)
-        assert peer.send("a") and peer.send("b")
+        assert peer.send("a")
+        assert peer.send("b")
         assert socket.sent == ["a", "b"]  # written before any await: no task was needed
-        assert peer._sender is None and peer._outbox is None
+        assert peer._sender is None
+        assert peer._outbox is None
 
     asyncio.run(scenario())
 
@@ -55,8 +57,11 @@ def test_frames_behind_a_waiting_send_go_out_in_order_once_it_completes() -> Non
         socket = _Socket()
         socket.paused = asyncio.get_running_loop().create_future()
         peer = _peer(socket)
-        assert peer.send("1") and peer.send("2") and peer.send("3")
-        assert socket.sent == [] and peer._sender is not None
+        assert peer.send("1")
+        assert peer.send("2")
+        assert peer.send("3")
+        assert socket.sent == []
+        assert peer._sender is not None
         socket.paused.set_result(None)
         socket.paused = None
         for _ in range(100):
@@ -65,7 +70,8 @@ def test_frames_behind_a_waiting_send_go_out_in_order_once_it_completes() -> Non
             await asyncio.sleep(0)
         assert socket.sent == ["1", "2", "3"]
         assert peer._outbox is None  # idle again: no queue kept
-        assert peer.send("4") and socket.sent[-1] == "4"
+        assert peer.send("4")
+        assert socket.sent[-1] == "4"
         assert peer.close_reason is None
 
     asyncio.run(scenario())
@@ -93,7 +99,8 @@ def test_a_full_outbox_closes_a_slow_consumer() -> None:
         socket.paused = asyncio.get_running_loop().create_future()
         peer = _peer(socket)
         results = [peer.send(str(i)) for i in range(2000)]
-        assert results[0] and not all(results)
+        assert results[0]
+        assert not all(results)
         assert peer.close_reason == "slow_consumer"
         await peer.stop_sender()
         await peer.wait_closed()

@@ -32,14 +32,10 @@ PLAN = json.dumps([{"tool_name": "echo", "parameters": {}, "tool_type": "action"
 # -- helpers ---------------------------------------------------------------------------------
 
 
-
-
-
 async def open_client(server: ServerThread) -> AipClient:
     client = await AipClient.connect(server.ws_url)
     track(client)
     return client
-
 
 
 async def connect_device(server: ServerThread, client_id: str, **kwargs: Any) -> AipClient:
@@ -112,7 +108,8 @@ async def expect_error(client: AipClient, text: str) -> dict[str, Any]:
     reply = await client.recv()
     assert (reply["type"], reply["status"]) == ("error", "error"), reply
     assert text in reply["error"], reply
-    assert reply["session_id"] is None and reply["result"] is None
+    assert reply["session_id"] is None
+    assert reply["result"] is None
     return reply
 
 
@@ -432,7 +429,8 @@ def test_replies_go_only_to_the_connection_that_asked(server: ServerThread) -> N
         third = await open_client(server)
         confirmation = await third.register_constellation("other@dev-2", "dev-2")
         assert (confirmation["type"], confirmation["status"]) == ("heartbeat", "ok")
-        assert confirmation["session_id"] is None and confirmation["result"] is None
+        assert confirmation["session_id"] is None
+        assert confirmation["result"] is None
         await c_2.send(
             type="device_info_request",
             client_type="constellation",
@@ -555,9 +553,7 @@ class TestSessionOwnership:
             await send_task(owner, target_id="dev-1", session_id="a@task_1")
             await owner.recv()
             command = await device.recv_type("command")
-            await send_task(
-                device, target_id=None, session_id="a@task_1", client_type="device"
-            )
+            await send_task(device, target_id=None, session_id="a@task_1", client_type="device")
             await expect_refused_task(device, "a@task_1", "owned by another client")
             await assert_quiet(owner)
             (row,) = await sessions_in_sql(server, session_id="a@task_1")

@@ -199,7 +199,8 @@ def test_sigterm_closes_clients_with_1001_and_records_shutdown(
     assert online_flags(db) == {"lab-pc-07": False, "nightly@lab-pc-07": False}
     with db.connect() as conn:
         stopped = conn.execute(select(server_runs.c.stopped_at)).scalars().all()
-    assert len(stopped) == 1 and stopped[0] is not None
+    assert len(stopped) == 1
+    assert stopped[0] is not None
 
 
 def test_restart_closes_connections_left_open_by_a_killed_server(

@@ -63,8 +63,9 @@ def relay(engine: Engine) -> tuple[Store, ClientConnectionManager, SessionManage
     registry = ClientConnectionManager(store=store)
     registry.add_client("const-1", "windows", object(), ClientType.CONSTELLATION)
     for i in range(5):
-        registry.add_client(f"dev-{i}", "linux", object(), ClientType.DEVICE,
-                            {"ccm_execution": "relay"})
+        registry.add_client(
+            f"dev-{i}", "linux", object(), ClientType.DEVICE, {"ccm_execution": "relay"}
+        )
     store.writer.flush().result(30)
     return store, registry, SessionManager(registry)
 
@@ -80,22 +81,36 @@ class TestStatementsPerRelayedSession:
         """25 sessions created before one flush: one INSERT (executemany of 25), one commit."""
         store, _, manager = relay
         for i in range(SESSIONS):
-            manager.create(f"const-1@t{i}", f"dev-{i % 5}", origin=Origin.CONSTELLATION,
-                           mode=Mode.RELAY, constellation_id="const-1", request="noop")
+            manager.create(
+                f"const-1@t{i}",
+                f"dev-{i % 5}",
+                origin=Origin.CONSTELLATION,
+                mode=Mode.RELAY,
+                constellation_id="const-1",
+                request="noop",
+            )
         store.writer.flush().result(30)
         assert _writes(counter) == [("INSERT", SESSIONS)]
         assert counter.commits == 1
 
     def test_ending_many_sessions_is_one_statement_in_one_transaction(
-        self, relay: tuple[Store, ClientConnectionManager, SessionManager], counter: SqlCounter,
+        self,
+        relay: tuple[Store, ClientConnectionManager, SessionManager],
+        counter: SqlCounter,
         engine: Engine,
     ) -> None:
         """25 sessions ended before one flush: one UPDATE (executemany of 25), one commit, and
         every row really reached its final state (the batch did not fail over to single rows)."""
         store, _, manager = relay
         for i in range(SESSIONS):
-            manager.create(f"const-1@t{i}", f"dev-{i % 5}", origin=Origin.CONSTELLATION,
-                           mode=Mode.RELAY, constellation_id="const-1", request="noop")
+            manager.create(
+                f"const-1@t{i}",
+                f"dev-{i % 5}",
+                origin=Origin.CONSTELLATION,
+                mode=Mode.RELAY,
+                constellation_id="const-1",
+                request="noop",
+            )
         store.writer.flush().result(30)
         counter.reset()
         for i in range(SESSIONS):
@@ -111,8 +126,14 @@ class TestStatementsPerRelayedSession:
         """One session on its own, start to end with a durable point at each step: its INSERT
         and its UPDATE, nothing per field or per index."""
         store, _, manager = relay
-        manager.create("const-1@solo", "dev-0", origin=Origin.CONSTELLATION, mode=Mode.RELAY,
-                       constellation_id="const-1", request="noop")
+        manager.create(
+            "const-1@solo",
+            "dev-0",
+            origin=Origin.CONSTELLATION,
+            mode=Mode.RELAY,
+            constellation_id="const-1",
+            request="noop",
+        )
         store.writer.flush().result(30)
         manager.complete("const-1@solo", "done")
         store.writer.flush().result(30)
@@ -127,15 +148,23 @@ class TestStatementsPerRelayedSession:
         not one pair per session."""
         store, _, manager = relay
         for i in range(SESSIONS):
-            manager.create(f"const-1@t{i}", f"dev-{i % 5}", origin=Origin.CONSTELLATION,
-                           mode=Mode.RELAY, constellation_id="const-1", request="noop")
+            manager.create(
+                f"const-1@t{i}",
+                f"dev-{i % 5}",
+                origin=Origin.CONSTELLATION,
+                mode=Mode.RELAY,
+                constellation_id="const-1",
+                request="noop",
+            )
             manager.complete(f"const-1@t{i}", {"result": i})
         store.writer.flush().result(30)
         assert _writes(counter) == [("INSERT", SESSIONS), ("UPDATE", SESSIONS)]
         assert counter.commits == 1
 
     def test_connect_session_disconnect_cycles_are_one_statement_per_kind(
-        self, relay: tuple[Store, ClientConnectionManager, SessionManager], counter: SqlCounter,
+        self,
+        relay: tuple[Store, ClientConnectionManager, SessionManager],
+        counter: SqlCounter,
         engine: Engine,
     ) -> None:
         """Devices that connect, run one session and leave, all before one flush: each write
@@ -149,8 +178,12 @@ class TestStatementsPerRelayedSession:
             registry.remove_client(f"cycle-{i}")
         store.writer.flush().result(30)
         assert _writes(counter) == [
-            ("INSERT", SESSIONS), ("INSERT", SESSIONS), ("UPDATE", SESSIONS),
-            ("UPDATE", SESSIONS), ("INSERT", SESSIONS), ("UPDATE", SESSIONS),
+            ("INSERT", SESSIONS),
+            ("INSERT", SESSIONS),
+            ("UPDATE", SESSIONS),
+            ("UPDATE", SESSIONS),
+            ("INSERT", SESSIONS),
+            ("UPDATE", SESSIONS),
         ]
         assert counter.commits == 1
         assert _completed(engine) == SESSIONS
@@ -160,6 +193,7 @@ def _completed(engine: Engine) -> int:
     """Sessions in state `completed` in the database."""
     with engine.connect() as conn:
         return conn.execute(
-            select(func.count()).select_from(sessions)
+            select(func.count())
+            .select_from(sessions)
             .where(sessions.c.state == SessionState.COMPLETED.value)
         ).scalar_one()

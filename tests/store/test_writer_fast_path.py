@@ -93,25 +93,37 @@ def _random_writes(seed: int, n: int) -> list[Write]:
             connection_id = f"k{i}"
             connection_ids.append((connection_id, client))
             store.record_connect(
-                connection_id=connection_id, client_id=client, client_type="device",
-                platform=rnd.choice(["linux", None]), metadata={"n": i, "tag": "é"},
-                system_info=rnd.choice([None, {"i": i}]), remote_address=f"10.0.0.{i}", at=at,
+                connection_id=connection_id,
+                client_id=client,
+                client_type="device",
+                platform=rnd.choice(["linux", None]),
+                metadata={"n": i, "tag": "é"},
+                system_info=rnd.choice([None, {"i": i}]),
+                remote_address=f"10.0.0.{i}",
+                at=at,
             )
         elif roll < 0.35 and connection_ids:
             connection_id, owner = rnd.choice(connection_ids)
             store.record_disconnect(
                 connection_id=connection_id,
                 client_id=owner if rnd.random() < 0.9 else client,
-                reason=rnd.choice(["closed", "replaced"]), at=at,
+                reason=rnd.choice(["closed", "replaced"]),
+                at=at,
             )
         elif roll < 0.4:
             store.record_system_info(client_id=client, system_info={"at": i})
         elif roll < 0.6:
             store.record_session_created(
-                id=sid, session_id=f"wire-{sid}", task_name=rnd.choice(["t", None]),
-                request="r", origin="constellation", constellation_id=rnd.choice(["c0", None]),
-                device_id=client, mode="relay",
-                state=rnd.choice([SessionState.PENDING, SessionState.RUNNING]), at=at,
+                id=sid,
+                session_id=f"wire-{sid}",
+                task_name=rnd.choice(["t", None]),
+                request="r",
+                origin="constellation",
+                constellation_id=rnd.choice(["c0", None]),
+                device_id=client,
+                mode="relay",
+                state=rnd.choice([SessionState.PENDING, SessionState.RUNNING]),
+                at=at,
             )
         elif roll < 0.7:
             store.record_session_started(id=sid, at=at)
@@ -147,7 +159,8 @@ class TestRegroupedBatchEqualsQueuedOrder:
             conn.execute(server_runs.insert().values(run_id="run-1", started_at=T0))
         _apply(engine, writes, batch_size=10_000)
         assert _snapshot(engine) == sequential
-        assert sequential["sessions"] and sequential["connections"]
+        assert sequential["sessions"]
+        assert sequential["connections"]
 
 
 def _created(i: int, *, key: str | None = None) -> Write:
@@ -161,7 +174,9 @@ def _ended(i: int, *, key: str | None = None) -> Write:
 
 
 def _connect(client: str, connection: str) -> Write:
-    return Write("connect", key=client, params={"p_client_id": client, "p_connection_id": connection})
+    return Write(
+        "connect", key=client, params={"p_client_id": client, "p_connection_id": connection}
+    )
 
 
 def _disconnect(client: str, connection: str) -> Write:
@@ -190,8 +205,12 @@ class TestReorder:
         assert _reorder(writes) == writes
 
     def test_connects_of_different_clients_are_grouped(self) -> None:
-        writes = [_connect("a", "k1"), _disconnect("a", "k1"), _connect("b", "k2"),
-                  _disconnect("b", "k2")]
+        writes = [
+            _connect("a", "k1"),
+            _disconnect("a", "k1"),
+            _connect("b", "k2"),
+            _disconnect("b", "k2"),
+        ]
         assert _reorder(writes) == [writes[0], writes[2], writes[1], writes[3]]
 
     def test_custom_writes_and_other_kinds_are_barriers(self) -> None:
@@ -210,23 +229,46 @@ def _samples() -> dict[str, dict[str, Any]]:
     at = datetime(2026, 5, 6, 7, 8, 9, 10, tzinfo=timezone(timedelta(hours=5, minutes=30)))
     return {
         "connect": {
-            "p_connection_id": "k-1", "p_client_id": "c-1", "p_client_type": "device",
-            "p_platform": "linux", "p_metadata": {"a": [1, 2.5, None, "ü"], "b": True},
-            "p_system_info": None, "p_remote_address": "::1", "p_server_run_id": None,
+            "p_connection_id": "k-1",
+            "p_client_id": "c-1",
+            "p_client_type": "device",
+            "p_platform": "linux",
+            "p_metadata": {"a": [1, 2.5, None, "ü"], "b": True},
+            "p_system_info": None,
+            "p_remote_address": "::1",
+            "p_server_run_id": None,
             "p_at": at,
         },
-        "disconnect": {"p_connection_id": "k-1", "p_client_id": "c-1", "p_reason": "closed",
-                       "p_at": at + timedelta(seconds=1)},
+        "disconnect": {
+            "p_connection_id": "k-1",
+            "p_client_id": "c-1",
+            "p_reason": "closed",
+            "p_at": at + timedelta(seconds=1),
+        },
         "system_info": {"p_client_id": "c-1", "p_system_info": {"cpu": 4, "tags": ["x"]}},
         "session_created": {
-            "p_id": "s-1", "p_session_id": "wire", "p_task_name": None, "p_request": "r\n",
-            "p_origin": "device", "p_constellation_id": None, "p_device_id": "c-1",
-            "p_mode": "relay", "p_state": "pending", "p_at": at, "p_started_at": None,
+            "p_id": "s-1",
+            "p_session_id": "wire",
+            "p_task_name": None,
+            "p_request": "r\n",
+            "p_origin": "device",
+            "p_constellation_id": None,
+            "p_device_id": "c-1",
+            "p_mode": "relay",
+            "p_state": "pending",
+            "p_at": at,
+            "p_started_at": None,
             "p_server_run_id": "run",
         },
         "session_started": {"p_id": "s-1", "p_at": at.astimezone(UTC)},
-        "session_ended": {"p_id": "s-1", "p_state": "completed", "p_reason": None,
-                          "p_result": [{"x": 1}, "y"], "p_error": None, "p_at": at},
+        "session_ended": {
+            "p_id": "s-1",
+            "p_state": "completed",
+            "p_reason": None,
+            "p_result": [{"x": 1}, "y"],
+            "p_error": None,
+            "p_at": at,
+        },
         "run_stopped": {"p_run_id": "run", "p_at": at},
     }
 
@@ -277,9 +319,7 @@ class TestPreparedStatements:
         finally:
             event.remove(engine, "before_cursor_execute", capture)
 
-    def test_rows_read_back_equal_those_written_by_compiled_execution(
-        self, engine: Engine
-    ) -> None:
+    def test_rows_read_back_equal_those_written_by_compiled_execution(self, engine: Engine) -> None:
         """The same history written by the writer and by plain conn.execute() of each statement
         reads back identically through the repository's read functions and in every column."""
         samples = _samples()
@@ -291,8 +331,16 @@ class TestPreparedStatements:
                     params[name] += suffix
             return params
 
-        kinds = ["connect", "system_info", "session_created", "session_started",
-                 "session_ended", "disconnect", "connect", "run_stopped"]
+        kinds = [
+            "connect",
+            "system_info",
+            "session_created",
+            "session_started",
+            "session_ended",
+            "disconnect",
+            "connect",
+            "run_stopped",
+        ]
         with engine.begin() as conn:
             for suffix in ("-plain", "-fast"):
                 conn.execute(server_runs.insert().values(run_id="run" + suffix, started_at=T0))
@@ -330,14 +378,19 @@ class TestPreparedStatements:
         assert plain_session["state"] == "completed"
         assert plain_session["result"] == [{"x": 1}, "y"]
         plain_history, fast_history = both(
-            [r for suffix in ("-plain", "-fast") for r in read_connection_history(engine, "c-1" + suffix)]
+            [
+                r
+                for suffix in ("-plain", "-fast")
+                for r in read_connection_history(engine, "c-1" + suffix)
+            ]
         )
         assert plain_history == fast_history
         plain_client, fast_client = both(read_online_clients(engine))
         assert plain_client == fast_client
         ended = read_sessions(engine, session_id="wire")[0]
         assert ended.ended_at == samples["session_ended"]["p_at"]
-        assert ended.ended_at is not None and ended.ended_at.tzinfo is UTC
+        assert ended.ended_at is not None
+        assert ended.ended_at.tzinfo is UTC
 
 
 class TestBadWritesOnTheFastPath:
@@ -365,7 +418,8 @@ class TestPrepare:
             prepared = prepare(
                 update(server_runs).values(stopped_at=bindparam("p_at")), conn.dialect
             )
-        assert prepared is not None and prepared.names == ("p_at",)
+        assert prepared is not None
+        assert prepared.names == ("p_at",)
         at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=1)))
         assert prepared.bind({"p_at": at}) == ("2026-01-02 02:04:05.000000",)
         with pytest.raises(ValueError, match="naive datetime"):
@@ -376,8 +430,10 @@ class TestPrepare:
         """An expanding IN list is rendered per execution: not prepared (None)."""
         engine = create_engine("sqlite://")
         with engine.connect() as conn:
-            statement = update(sessions).where(
-                sessions.c.id.in_(bindparam("p_ids", expanding=True))
-            ).values(error="x")
+            statement = (
+                update(sessions)
+                .where(sessions.c.id.in_(bindparam("p_ids", expanding=True)))
+                .values(error="x")
+            )
             assert prepare(statement, conn.dialect) is None
         engine.dispose()
