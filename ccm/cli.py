@@ -538,9 +538,10 @@ def demo_device(
     """Run a demo device with the tools list_tools, echo, add, sleep and fail, until Ctrl-C."""
     import asyncio
 
-    from ccm.demo import DEFAULT_FEATURES, DemoMode, run_device, ws_url
+    from ccm.demo import DEFAULT_FEATURES, run_device, ws_url
+    from ccm.domain import Mode
 
-    if mode not in {m.value for m in DemoMode}:
+    if mode not in {m.value for m in Mode}:
         raise CcmError(f"--mode must be 'agent' or 'relay', got {mode!r}")
     names = [f.strip() for f in (features or "").split(",") if f.strip()]
     try:
@@ -549,7 +550,7 @@ def demo_device(
                 ws_url(url, token),
                 client_id,
                 platform=platform,
-                mode=DemoMode(mode),
+                mode=Mode(mode),
                 features=names or DEFAULT_FEATURES,
                 heartbeat=_duration("--heartbeat", heartbeat).total_seconds(),
                 max_retries=max_retries,

@@ -16,17 +16,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
+from ccm.domain import Mode
 from ccm.errors import CcmError
-from ccm.protocol import ResultStatus, new_id, timestamp
-from ccm.server.hub import RELAY_METADATA_KEY
-from ccm.server.runners import Outcome, PlanError, parse_tool_plan
+from ccm.ids import new_id
+from ccm.protocol import RELAY_METADATA_KEY, ResultStatus, timestamp
+from ccm.toolplan import PlanError, parse_tool_plan
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,13 @@ class DemoError(CcmError):
     """A demo client gave up; the message says what happened and what to check."""
 
 
-class DemoMode(StrEnum):
-    AGENT = "agent"  # ccm drives the device with COMMAND frames (a tool plan runner)
-    RELAY = "relay"  # ccm hands the device the `task` and it reports a `task_end` itself
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """How the demo device's own run of a relayed task ended."""
+
+    completed: bool
+    result: Any = None
+    error: str | None = None
 
 
 class _Refused(Exception):
@@ -185,14 +189,14 @@ async def run_actions(actions: Sequence[Frame]) -> list[Frame]:
     return results
 
 
-async def run_task(request: str | None, client_id: str) -> Outcome:
+async def run_task(request: str | None, client_id: str) -> TaskOutcome:
     """Relay mode: a JSON tool plan runs here, round by round; anything else is echoed back."""
     try:
         plan = parse_tool_plan(request)
     except PlanError as exc:
-        return Outcome(False, error=f"invalid tool plan: {exc}")
+        return TaskOutcome(False, error=f"invalid tool plan: {exc}")
     if plan is None:
-        return Outcome(True, result={"echo": request, "handled_by": client_id})
+        return TaskOutcome(True, result={"echo": request, "handled_by": client_id})
     done: list[Frame] = []
     for actions in plan.rounds:
         answers = await run_actions([{**a, "call_id": new_id()} for a in actions])
@@ -201,8 +205,8 @@ async def run_task(request: str | None, client_id: str) -> Outcome:
         )
         failed = next((r for r in answers if r["status"] != ResultStatus.SUCCESS.value), None)
         if failed is not None:
-            return Outcome(False, result=done, error=f"tool call failed: {failed['error']}")
-    return Outcome(True, result=done)
+            return TaskOutcome(False, result=done, error=f"tool call failed: {failed['error']}")
+    return TaskOutcome(True, result=done)
 
 
 # -- frames ---------------------------------------------------------------------------------------
@@ -297,7 +301,7 @@ class _Device:
 
     client_id: str
     platform: str
-    mode: DemoMode
+    mode: Mode
     features: tuple[str, ...]
     on_event: EventSink
 
@@ -309,7 +313,7 @@ class _Device:
             self.client_id,
             platform=self.platform,
             features=self.features,
-            relay=self.mode is DemoMode.RELAY,
+            relay=self.mode is Mode.RELAY,
         )
         await ws.send(self.frame("register", metadata=metadata))
         try:
@@ -381,7 +385,7 @@ class _Device:
 
     async def _on_task(self, ws: ClientConnection, task: Frame) -> None:
         session_id, request = task.get("session_id"), task.get("user_request")
-        if self.mode is DemoMode.AGENT:
+        if self.mode is Mode.AGENT:
             # Like UFO's device (3.8): hand the task back and let the server run a session for it.
             await ws.send(
                 self.frame(
@@ -438,7 +442,7 @@ async def run_device(
     client_id: str,
     *,
     platform: str = "linux",
-    mode: DemoMode = DemoMode.AGENT,
+    mode: Mode = Mode.AGENT,
     features: Sequence[str] = DEFAULT_FEATURES,
     heartbeat: float = 30.0,
     max_retries: int = 5,

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
-
-from ccm.server.auth import RedactTokens
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "ccm_log_context", default=None
@@ -101,6 +100,81 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
+
+
+def redact(text: str) -> str:
+    """Remove `token=` values from a log line (the WebSocket key travels in the URL)."""
+    if "token=" not in text:  # every log record passes here: skip the regex when it cannot match
+        return text
+    return _TOKEN_IN_TEXT.sub(r"\1[redacted]", text)
+
+
+class RedactTokens(logging.Filter):
+    """Logging filter that keeps API keys out of access and error logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True
+
+
+class HandledClientErrors(logging.Filter):
+    """uvicorn logs a client's invalid UTF-8 text frame as an ERROR with a traceback, although it
+    handles it (close 1007). Bad input we handled is a WARNING without a traceback here, so an
+    ERROR in the log always means something the server could not handle."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Invalid UTF-8 sequence"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = (
+                "invalid UTF-8 in a text frame; connection closed with 1007",
+                (),
+            )
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class ConnectionChatter(logging.Filter):
+    """Drops uvicorn's three INFO lines per WebSocket (`[accepted]`, `connection open`,
+    `connection closed`): ccm logs `client registered` (with the remote address) and `client
+    removed` (with the reason) for each connection, and at thousands of connections a minute
+    the duplicates cost a tenth of the server's time (the connect/register/close profile in
+    tests/benchmarks). They are kept when the log level is DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        msg = record.msg
+        return not (
+            msg == "connection open"
+            or msg == "connection closed"
+            or (isinstance(msg, str) and msg.endswith('" [accepted]'))
+        )
+
+
+def protect_uvicorn_loggers(level: int | str = logging.INFO) -> None:
+    """Filters on uvicorn's own loggers, so they hold for every handler (a handler filter, as in
+    configure_logging, protects only that handler): tokens redacted, handled client errors
+    downgraded, and the per-WebSocket chatter dropped unless the level is DEBUG. Idempotent."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in log.filters):
+            log.addFilter(RedactTokens())
+    error_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, HandledClientErrors) for f in error_log.filters):
+        error_log.addFilter(HandledClientErrors())
+    chatter = [f for f in error_log.filters if isinstance(f, ConnectionChatter)]
+    debug = logging.getLevelName(level) if isinstance(level, str) else level
+    if isinstance(debug, int) and debug <= logging.DEBUG:
+        for f in chatter:
+            error_log.removeFilter(f)
+    elif not chatter:
+        error_log.filters.insert(0, ConnectionChatter())  # before the redaction's regex
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -115,3 +189,4 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         log.propagate = True
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    protect_uvicorn_loggers(level.upper())

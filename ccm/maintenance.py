@@ -49,7 +49,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-from ccm.store.models import FINISHED_STATES, connections, sessions
+from ccm.domain import FINISHED_STATES
+from ccm.store.models import connections, sessions
 
 logger = logging.getLogger(__name__)
 

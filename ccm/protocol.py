@@ -18,9 +18,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ccm.domain import ClientType
 from ccm.ids import new_id
 
 JSONValue = Any
+
+RELAY_METADATA_KEY = "ccm_execution"
+"""A device declares relay mode by registering with metadata `{"ccm_execution": "relay"}`."""
 
 
 class ClientMessageType(StrEnum):
@@ -52,11 +56,6 @@ class TaskStatus(StrEnum):
     ERROR = "error"
 
 
-class WireClientType(StrEnum):
-    DEVICE = "device"
-    CONSTELLATION = "constellation"
-
-
 class ResultStatus(StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
@@ -83,7 +82,7 @@ class ClientMessage(BaseModel):
 
     type: ClientMessageType
     status: TaskStatus
-    client_type: WireClientType = WireClientType.DEVICE
+    client_type: ClientType = ClientType.DEVICE
     session_id: str | None = None
     task_name: str | None = None
     client_id: str | None = None
@@ -108,14 +107,10 @@ class FrameError(Exception):
         """Short label for metrics: malformed_json, invalid_message, binary_frame, too_large."""
 
 
-CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-CLOSE_UNSUPPORTED = 1003
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN = 1013
 
 
 class _OutOfRange(ValueError):

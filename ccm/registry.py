@@ -17,29 +17,24 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
 from ccm.devices import DeviceConfigs, merge_device_info
+from ccm.domain import ClientType
 from ccm.errors import DuplicateClientError
 from ccm.ids import new_id
 
 if TYPE_CHECKING:
     from ccm.store import Store
 
+__all__ = ["ClientConnectionManager", "ClientInfo", "ClientType"]
+
 logger = logging.getLogger(__name__)
 
 _epochs = itertools.count(1)
-
-
-class ClientType(StrEnum):
-    """The role a client registered with."""
-
-    DEVICE = "device"
-    CONSTELLATION = "constellation"
 
 
 @dataclass(eq=False)

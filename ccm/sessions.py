@@ -12,14 +12,13 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from ccm.clock import Clock, utcnow
+from ccm.domain import FINISHED_STATES, Mode, Origin, SessionState
 from ccm.errors import SessionError
 from ccm.ids import new_id
 from ccm.registry import ClientConnectionManager
-from ccm.store.models import FINISHED_STATES, SessionState
 
 if TYPE_CHECKING:
     from ccm.store import Store
@@ -27,17 +26,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_SESSION_ID_LENGTH = 512
-
-
-class Origin(StrEnum):
-    CONSTELLATION = "constellation"
-    DEVICE = "device"
-    HTTP = "http"
-
-
-class Mode(StrEnum):
-    RELAY = "relay"
-    AGENT = "agent"
 
 
 @dataclass(eq=False)

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from ccm import cli
 from ccm.cli import app
 from ccm.config import ENV_KEYS
+from ccm.domain import ClientType, Mode, Origin
 from ccm.errors import CcmError
-from ccm.registry import ClientConnectionManager, ClientType
-from ccm.sessions import Mode, Origin, SessionManager
+from ccm.registry import ClientConnectionManager
+from ccm.sessions import SessionManager
 from ccm.store import Store, StoreWriter, migrate
 from ccm.store.engine import make_engine
 from ccm.store.models import connections, sessions

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select
 
+from ccm.domain import SessionState
 from ccm.maintenance import plan_cleanup, run_cleanup
-from ccm.store.models import SessionState, clients, connections, sessions
+from ccm.store.models import clients, connections, sessions
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 SESSIONS_CUTOFF = NOW - timedelta(days=7)

@@ -13,12 +13,11 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, model_validator
 
+from ccm.domain import FINISHED_STATES, Origin, SessionState
 from ccm.errors import ConfigError, SessionError, StoreUnavailable
 from ccm.protocol import has_unstorable_value, is_valid_task_name
 from ccm.server.auth import keys_match, require_api_key
 from ccm.server.deps import HubDep, RegistryDep, StoreDep
-from ccm.sessions import Origin
-from ccm.store.models import FINISHED_STATES, SessionState
 from ccm.store.repository import read_connection_history, read_session_counts, read_sessions
 
 public = APIRouter()

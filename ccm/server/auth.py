@@ -65,27 +65,6 @@ def require_api_key(
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid API key")
 
 
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
-
-
-def redact(text: str) -> str:
-    """Remove `token=` values from a log line (the WebSocket key travels in the URL)."""
-    if "token=" not in text:  # every log record passes here: skip the regex when it cannot match
-        return text
-    return _TOKEN_IN_TEXT.sub(r"\1[redacted]", text)
-
-
-class RedactTokens(logging.Filter):
-    """Logging filter that keeps API keys out of access and error logs."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        return True
-
-
 def _host_name(host_header: str) -> str:
     host = host_header.strip().lower()
     if host.startswith("["):

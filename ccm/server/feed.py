@@ -21,8 +21,8 @@ from typing import Any
 from prometheus_client import Counter
 
 from ccm.clock import Clock, utcnow
+from ccm.domain import ClientType
 from ccm.metrics import Metrics
-from ccm.registry import ClientType
 from ccm.server.hub import Hub
 from ccm.store import Store
 from ccm.store.repository import SessionRow, read_sessions

@@ -17,6 +17,7 @@ from typing import Any
 
 from ccm.clock import utcnow
 from ccm.config import Settings
+from ccm.domain import ClientType, Mode, Origin, SessionState
 from ccm.errors import DuplicateClientError, SessionError, StoreUnavailable
 from ccm.logs import bind
 from ccm.metrics import Metrics
@@ -33,11 +34,10 @@ from ccm.protocol import (
     server_frame,
     task_end_frame,
 )
-from ccm.registry import ClientConnectionManager, ClientType
+from ccm.registry import ClientConnectionManager
 from ccm.server.peer import Peer
 from ccm.server.runners import NO_RUNNER_ERROR, CommandTimeout, SessionRunner
-from ccm.sessions import EndedSession, LiveSession, Mode, Origin, SessionManager
-from ccm.store.models import SessionState
+from ccm.sessions import EndedSession, LiveSession, SessionManager
 
 logger = logging.getLogger(__name__)
 

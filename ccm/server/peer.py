@@ -22,9 +22,9 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
+from ccm.domain import ClientType
 from ccm.metrics import Metrics
 from ccm.protocol import CLOSE_POLICY
-from ccm.registry import ClientType
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ without one, a natural-language task fails at once with an error that says so.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ccm.errors import ConfigError
 from ccm.sessions import LiveSession
+from ccm.toolplan import PlanError, parse_tool_plan
 
 NO_RUNNER_ERROR = (
     "no runner is configured for natural-language tasks: send a JSON tool plan "
@@ -23,7 +23,6 @@ NO_RUNNER_ERROR = (
 )
 
 DEFAULT_AGENT_BY_PLATFORM = {"windows": "HostAgent", "linux": "LinuxAgent", "mobile": "MobileAgent"}
-TOOL_TYPES = {"data_collection", "action"}
 
 
 class CommandTimeout(Exception):
@@ -56,69 +55,6 @@ class SessionRunner(Protocol):
     def accepts(self, request: str | None) -> bool: ...
 
     async def run(self, session: LiveSession, channel: CommandChannel) -> Outcome: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ToolPlan:
-    rounds: list[list[dict[str, Any]]]
-    agent_name: str | None
-    process_name: str | None
-    root_name: str | None
-
-
-class PlanError(ValueError):
-    """The request is JSON that looks like a plan but is not a valid one."""
-
-
-def _tool_call(raw: object, where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise PlanError(f"{where}: a tool call must be an object")
-    name = raw.get("tool_name")
-    if not isinstance(name, str) or not name:
-        raise PlanError(f"{where}: tool_name must be a non-empty string")
-    tool_type = raw.get("tool_type", "action")
-    if tool_type not in TOOL_TYPES:
-        raise PlanError(f"{where}: tool_type must be 'data_collection' or 'action'")
-    parameters = raw.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise PlanError(f"{where}: parameters must be an object")
-    return {"tool_name": name, "parameters": parameters, "tool_type": tool_type}
-
-
-def parse_tool_plan(request: str | None) -> ToolPlan | None:
-    """A plan, or None if the request is not a JSON plan at all (natural language).
-
-    Forms: a list of steps, or `{"agent_name": ..., "process_name": ..., "root_name": ...,
-    "tools": [steps]}`. A step is one tool call (its own COMMAND round) or a list of tool calls
-    sent together in one COMMAND.
-    """
-    if not request or request.lstrip()[:1] not in {"[", "{"}:
-        return None
-    try:
-        data = json.loads(request)
-    except json.JSONDecodeError:
-        return None
-    options: dict[str, Any] = {}
-    if isinstance(data, dict):
-        if "tools" not in data:
-            return None
-        options, data = data, data["tools"]
-    if not isinstance(data, list) or not data:
-        raise PlanError("a tool plan must be a non-empty list of tool calls")
-    rounds: list[list[dict[str, Any]]] = []
-    for i, step in enumerate(data):
-        if isinstance(step, list):
-            if not step:
-                raise PlanError(f"step {i}: an empty round")
-            rounds.append([_tool_call(call, f"step {i}.{j}") for j, call in enumerate(step)])
-        else:
-            rounds.append([_tool_call(step, f"step {i}")])
-    for key in ("agent_name", "process_name", "root_name"):
-        if options.get(key) is not None and not isinstance(options[key], str):
-            raise PlanError(f"{key} must be a string")
-    return ToolPlan(
-        rounds, options.get("agent_name"), options.get("process_name"), options.get("root_name")
-    )
 
 
 class ToolPlanRunner:

@@ -14,43 +14,8 @@ from fastapi import FastAPI
 
 from ccm.config import Settings
 from ccm.errors import CcmError
-from ccm.server.auth import RedactTokens
 
 logger = logging.getLogger(__name__)
-
-
-class HandledClientErrors(logging.Filter):
-    """uvicorn logs a client's invalid UTF-8 text frame as an ERROR with a traceback, although it
-    handles it (close 1007). Bad input we handled is a WARNING without a traceback here, so an
-    ERROR in the log always means something the server could not handle."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith("Invalid UTF-8 sequence"):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = (
-                "invalid UTF-8 in a text frame; connection closed with 1007",
-                (),
-            )
-            record.exc_info = record.exc_text = None
-        return True
-
-
-class ConnectionChatter(logging.Filter):
-    """Drops uvicorn's three INFO lines per WebSocket (`[accepted]`, `connection open`,
-    `connection closed`): ccm logs `client registered` (with the remote address) and `client
-    removed` (with the reason) for each connection, and at thousands of connections a minute
-    the duplicates cost a tenth of the server's time (the connect/register/close profile in
-    tests/benchmarks). They are kept when the log level is DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.INFO:
-            return True
-        msg = record.msg
-        return not (
-            msg == "connection open"
-            or msg == "connection closed"
-            or (isinstance(msg, str) and msg.endswith('" [accepted]'))
-        )
 
 
 class CcmServer(uvicorn.Server):
@@ -60,22 +25,6 @@ class CcmServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
-        # uvicorn logs each WebSocket path with its query string, `?token=<key>` included. A
-        # filter on the loggers themselves redacts the record before any handler sees it (a
-        # handler filter, as in configure_logging, protects only that handler).
-        for name in ("uvicorn.error", "uvicorn.access"):
-            log = logging.getLogger(name)
-            if not any(isinstance(f, RedactTokens) for f in log.filters):
-                log.addFilter(RedactTokens())
-        error_log = logging.getLogger("uvicorn.error")
-        if not any(isinstance(f, HandledClientErrors) for f in error_log.filters):
-            error_log.addFilter(HandledClientErrors())
-        chatter = [f for f in error_log.filters if isinstance(f, ConnectionChatter)]
-        if error_log.getEffectiveLevel() > logging.DEBUG and not chatter:
-            error_log.filters.insert(0, ConnectionChatter())  # before the redaction's regex
-        elif error_log.getEffectiveLevel() <= logging.DEBUG:
-            for f in chatter:
-                error_log.removeFilter(f)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

@@ -7,7 +7,6 @@ tables the store writes with SQLAlchemy Core. Every time is timezone-aware UTC.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, TypeDecorator
@@ -46,25 +45,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 JSONValue = JSON().with_variant(JSONB(), "postgresql")
-
-
-class SessionState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"
-
-    @property
-    def is_finished(self) -> bool:
-        return self in FINISHED_STATES
-
-
-FINISHED_STATES = frozenset(
-    {SessionState.COMPLETED, SessionState.FAILED, SessionState.CANCELLED, SessionState.INTERRUPTED}
-)
-LIVE_STATES = frozenset({SessionState.PENDING, SessionState.RUNNING})
 
 
 class Base(DeclarativeBase):

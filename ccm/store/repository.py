@@ -14,9 +14,8 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select, update
 
 from ccm.clock import utcnow
+from ccm.domain import LIVE_STATES, DisconnectReason, SessionReason, SessionState
 from ccm.store.models import (
-    LIVE_STATES,
-    SessionState,
     clients,
     connections,
     server_runs,
@@ -107,7 +106,7 @@ class Store:
             closed = conn.execute(
                 update(connections)
                 .where(connections.c.disconnected_at.is_(None))
-                .values(disconnected_at=at, disconnect_reason="server_restart")
+                .values(disconnected_at=at, disconnect_reason=DisconnectReason.SERVER_RESTART.value)
             ).rowcount
             offline = conn.execute(
                 update(clients)
@@ -119,7 +118,7 @@ class Store:
                 .where(sessions.c.state.in_([s.value for s in LIVE_STATES]))
                 .values(
                     state=SessionState.INTERRUPTED.value,
-                    reason="server_restart",
+                    reason=SessionReason.SERVER_RESTART.value,
                     ended_at=at,
                 )
             ).rowcount

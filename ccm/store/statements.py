@@ -20,7 +20,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import BindTyping, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from ccm.store.models import LIVE_STATES, clients, connections, server_runs, sessions
+from ccm.domain import LIVE_STATES
+from ccm.store.models import clients, connections, server_runs, sessions
 
 # Inlined as SQL literals: a list of values would become one "expanding" parameter, which
 # executemany() refuses, and every batch with two session ends would fail and go row by row.

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from ccm.registry import ClientConnectionManager, ClientType
-from ccm.sessions import Mode, Origin, SessionManager
+from ccm.domain import ClientType, Mode, Origin
+from ccm.registry import ClientConnectionManager
+from ccm.sessions import SessionManager
 from ccm.store import Store, StoreWriter, migrate
 from ccm.store.engine import make_engine
 

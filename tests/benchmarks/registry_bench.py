@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ccm.registry import ClientConnectionManager, ClientType
+from ccm.domain import ClientType
+from ccm.registry import ClientConnectionManager
 from tests.benchmarks.common import Figure
 
 PLATFORMS = ["windows", "linux", "darwin"]

@@ -23,8 +23,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from ccm.domain import ClientType
 from ccm.protocol import ClientMessage
-from ccm.registry import ClientType
 from tests.benchmarks.common import API_KEY, raise_nofile_limit
 from tests.benchmarks.registry_bench import SeedRegistry
 

@@ -26,8 +26,9 @@ from typing import Any, Self, TypeVar
 import httpx
 from sqlalchemy import Engine, func, make_url, select, text
 
+from ccm.domain import FINISHED_STATES
 from ccm.store.engine import make_engine
-from ccm.store.models import FINISHED_STATES, clients, connections, sessions
+from ccm.store.models import clients, connections, sessions
 
 REPO = Path(__file__).resolve().parents[2]
 CCM = Path(sys.executable).parent / "ccm"

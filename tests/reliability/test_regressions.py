@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
+from ccm.domain import ClientType
 from ccm.errors import StoreUnavailable
-from ccm.logs import TextFormatter
+from ccm.logs import HandledClientErrors, TextFormatter
 from ccm.protocol import CLOSE_INVALID_PAYLOAD, FrameError, decode_client_message
-from ccm.registry import ClientType
 from ccm.server.peer import Peer
-from ccm.server.serve import HandledClientErrors
 from ccm.store.engine import make_engine
 from ccm.store.models import connections
 from ccm.store.writer import StoreWriter, Write

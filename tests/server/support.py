@@ -20,6 +20,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from ccm.config import Settings
+from ccm.logs import protect_uvicorn_loggers
 from ccm.server.app import create_app
 from ccm.server.runners import SessionRunner
 from ccm.server.serve import CcmServer
@@ -40,6 +41,7 @@ class ServerThread:
         self.settings = settings
         self.port = settings.server.port
         self.app = create_app(settings, api_key=API_KEY, runners=runners)
+        protect_uvicorn_loggers()  # what `ccm serve` does through configure_logging
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, select
 from typer.testing import CliRunner
 
 from ccm.cli import app
-from ccm.demo import DemoError, DemoMode, run_actions, run_constellation, run_device
+from ccm.demo import DemoError, run_actions, run_constellation, run_device
+from ccm.domain import Mode
 from ccm.server.runners import NO_RUNNER_ERROR
 from ccm.store.models import sessions
 from tests.server.support import API_KEY, ServerThread, free_port
@@ -123,7 +124,7 @@ def test_failed_tool_fails_session_and_skips_the_rest(server: ServerThread) -> N
 
 def test_relay_device_echoes_natural_language(server: ServerThread, engine: Engine) -> None:
     """A relay-mode demo device runs the task itself and reports it with a task_end."""
-    with DemoDevice(server.ws_url, mode=DemoMode.RELAY, heartbeat=0.05) as device:
+    with DemoDevice(server.ws_url, mode=Mode.RELAY, heartbeat=0.05) as device:
         end = constellation(server, "say hello")
         device.wait_for("task_end received")
     assert end["status"] == "completed"
@@ -136,7 +137,7 @@ def test_relay_device_echoes_natural_language(server: ServerThread, engine: Engi
 
 def test_relay_device_runs_a_tool_plan_itself(server: ServerThread) -> None:
     """A relay-mode demo device runs a JSON tool plan locally; no COMMAND frames are sent."""
-    with DemoDevice(server.ws_url, mode=DemoMode.RELAY) as device:
+    with DemoDevice(server.ws_url, mode=Mode.RELAY) as device:
         end = constellation(server, PLAN)
     assert end["status"] == "completed"
     assert [(r["tool_name"], r["result"]) for r in end["result"]] == [

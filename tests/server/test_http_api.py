@@ -14,8 +14,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from ccm.domain import SessionState
 from ccm.server.runners import NO_RUNNER_ERROR
-from ccm.store.models import SessionState
 from ccm.store.repository import read_sessions
 from tests.server.support import API_KEY, AipClient, ServerThread, run, track
 

@@ -12,9 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from ccm.cli import app
-from ccm.logs import ContextFilter, JsonFormatter, TextFormatter, bound
-from ccm.server.auth import RedactTokens
-from ccm.server.serve import ConnectionChatter
+from ccm.logs import (
+    ConnectionChatter,
+    ContextFilter,
+    JsonFormatter,
+    RedactTokens,
+    TextFormatter,
+    bound,
+)
 from tests.server.support import API_KEY, AipClient, ServerThread
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {"x": 1}, "tool_type": "action"}])

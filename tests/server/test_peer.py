@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ccm.registry import ClientType
+from ccm.domain import ClientType
 from ccm.server.peer import Peer
 
 

@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import Engine, select
 
 from ccm.config import DuplicatePolicy
-from ccm.registry import ClientConnectionManager, ClientType
-from ccm.sessions import Mode, Origin, SessionManager
+from ccm.domain import ClientType, Mode, Origin, SessionState
+from ccm.registry import ClientConnectionManager
+from ccm.sessions import SessionManager
 from ccm.store import Store, StoreWriter
-from ccm.store.models import SessionState, clients, connections, server_runs, sessions
+from ccm.store.models import clients, connections, server_runs, sessions
 from ccm.store.repository import (
     read_connection_history,
     read_online_clients,

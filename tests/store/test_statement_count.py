@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import pytest
 from sqlalchemy import Engine, event, func, select
 
-from ccm.registry import ClientConnectionManager, ClientType
-from ccm.sessions import Mode, Origin, SessionManager
+from ccm.domain import ClientType, Mode, Origin, SessionState
+from ccm.registry import ClientConnectionManager
+from ccm.sessions import SessionManager
 from ccm.store import Store, StoreWriter
-from ccm.store.models import SessionState, sessions
+from ccm.store.models import sessions
 
 SESSIONS = 25
 

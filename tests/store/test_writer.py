@@ -11,12 +11,13 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Connection, Engine, event, func, select
 
+from ccm.domain import Mode, Origin, SessionState
 from ccm.errors import StoreBacklogFull
 from ccm.registry import ClientConnectionManager
-from ccm.sessions import Mode, Origin, SessionManager
+from ccm.sessions import SessionManager
 from ccm.store import Store, StoreWriter
 from ccm.store.engine import make_engine
-from ccm.store.models import SessionState, clients, connections, sessions
+from ccm.store.models import clients, connections, sessions
 from ccm.store.writer import Write
 
 FLUSH_TIMEOUT = 60  # generous upper bound only, so a hung writer fails instead of hanging

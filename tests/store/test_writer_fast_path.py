@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, text, update
 
+from ccm.domain import SessionState
 from ccm.store import Store, StoreWriter
-from ccm.store.models import SessionState, clients, connections, server_runs, sessions
+from ccm.store.models import clients, connections, server_runs, sessions
 from ccm.store.repository import read_connection_history, read_online_clients, read_sessions
 from ccm.store.statements import prepare, prepared_for, statements_for
 from ccm.store.writer import Write, _reorder

@@ -1,0 +1,79 @@
+"""The vocabulary every layer shares: client types, session states, execution modes, origins,
+and the reasons recorded when a connection or a session ends.
+
+This module imports nothing of ccm. The store, the registry, the sessions and the AIP side all
+depend on it, never the other way round. The values are the strings stored in SQL and sent on
+the wire, so changing one is a data migration.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ClientType(StrEnum):
+    """The role a client registered with (AIP's `client_type`)."""
+
+    DEVICE = "device"
+    CONSTELLATION = "constellation"
+
+
+class SessionState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+FINISHED_STATES = frozenset(
+    {SessionState.COMPLETED, SessionState.FAILED, SessionState.CANCELLED, SessionState.INTERRUPTED}
+)
+LIVE_STATES = frozenset({SessionState.PENDING, SessionState.RUNNING})
+
+
+class Mode(StrEnum):
+    """How a session is executed: the device runs the task itself (relay), or a ccm runner
+    drives a stock device with COMMAND rounds (agent)."""
+
+    RELAY = "relay"
+    AGENT = "agent"
+
+
+class Origin(StrEnum):
+    """Who asked for a session."""
+
+    CONSTELLATION = "constellation"
+    DEVICE = "device"
+    HTTP = "http"
+
+
+class DisconnectReason(StrEnum):
+    """Why a registered connection ended (`connections.disconnect_reason`)."""
+
+    CLOSED = "closed"
+    """The client closed the connection (close code 1000/1001 or none)."""
+    CONNECTION_LOST = "connection_lost"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    REPLACED = "replaced"
+    """Taken over by a newer registration of the same id (duplicate policy `takeover`)."""
+    SLOW_CONSUMER = "slow_consumer"
+    FRAME_TOO_LARGE = "frame_too_large"
+    PROTOCOL_ERROR = "protocol_error"
+    SERVER_SHUTDOWN = "server_shutdown"
+    SERVER_RESTART = "server_restart"
+    """Closed by restart recovery: the process that held it is gone."""
+
+
+class SessionReason(StrEnum):
+    """Why a session did not complete (`sessions.reason`)."""
+
+    CONSTELLATION_DISCONNECTED = "constellation_disconnected"
+    DEVICE_DISCONNECTED = "device_disconnected"
+    TASK_FAILED = "task_failed"
+    NO_RUNNER = "no_runner"
+    RUNNER_ERROR = "runner_error"
+    SERVER_SHUTDOWN = "server_shutdown"
+    SERVER_RESTART = "server_restart"
+    STORE_UNAVAILABLE = "store_unavailable"

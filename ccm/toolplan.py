@@ -1,0 +1,76 @@
+"""The JSON tool plan a task request may carry: a list of tool calls, each one COMMAND round.
+
+Both sides read it: the server's ToolPlanRunner turns a plan into COMMAND frames for a stock UFO
+device, and a relay device (the demo device) may run one itself. No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+TOOL_TYPES = {"data_collection", "action"}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    rounds: list[list[dict[str, Any]]]
+    agent_name: str | None
+    process_name: str | None
+    root_name: str | None
+
+
+class PlanError(ValueError):
+    """The request is JSON that looks like a plan but is not a valid one."""
+
+
+def _tool_call(raw: object, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: a tool call must be an object")
+    name = raw.get("tool_name")
+    if not isinstance(name, str) or not name:
+        raise PlanError(f"{where}: tool_name must be a non-empty string")
+    tool_type = raw.get("tool_type", "action")
+    if tool_type not in TOOL_TYPES:
+        raise PlanError(f"{where}: tool_type must be 'data_collection' or 'action'")
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise PlanError(f"{where}: parameters must be an object")
+    return {"tool_name": name, "parameters": parameters, "tool_type": tool_type}
+
+
+def parse_tool_plan(request: str | None) -> ToolPlan | None:
+    """A plan, or None if the request is not a JSON plan at all (natural language).
+
+    Forms: a list of steps, or `{"agent_name": ..., "process_name": ..., "root_name": ...,
+    "tools": [steps]}`. A step is one tool call (its own COMMAND round) or a list of tool calls
+    sent together in one COMMAND.
+    """
+    if not request or request.lstrip()[:1] not in {"[", "{"}:
+        return None
+    try:
+        data = json.loads(request)
+    except json.JSONDecodeError:
+        return None
+    options: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if "tools" not in data:
+            return None
+        options, data = data, data["tools"]
+    if not isinstance(data, list) or not data:
+        raise PlanError("a tool plan must be a non-empty list of tool calls")
+    rounds: list[list[dict[str, Any]]] = []
+    for i, step in enumerate(data):
+        if isinstance(step, list):
+            if not step:
+                raise PlanError(f"step {i}: an empty round")
+            rounds.append([_tool_call(call, f"step {i}.{j}") for j, call in enumerate(step)])
+        else:
+            rounds.append([_tool_call(step, f"step {i}")])
+    for key in ("agent_name", "process_name", "root_name"):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise PlanError(f"{key} must be a string")
+    return ToolPlan(
+        rounds, options.get("agent_name"), options.get("process_name"), options.get("root_name")
+    )
