@@ -93,6 +93,8 @@ class ServerSettings(_Section):
     api_key: str | None = None
     heartbeat_interval: Duration = timedelta(seconds=120)
     """Expected client heartbeat period; silence for 1.5x this closes the connection."""
+    last_seen_interval: Duration = timedelta(seconds=60)
+    """How often heartbeats reach `clients.last_seen_at` in SQL (they are kept in memory)."""
     register_timeout: Duration = timedelta(seconds=10)
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     command_timeout: Duration = timedelta(seconds=300)

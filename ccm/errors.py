@@ -16,7 +16,8 @@ class DuplicateClientError(CcmError):
 
     def __init__(self, client_id: str) -> None:
         super().__init__(
-            f"client_id '{client_id}' is already registered; duplicate registrations are not allowed"
+            f"client_id '{client_id}' is already registered; "
+            "duplicate registrations are not allowed"
         )
         self.client_id = client_id
 

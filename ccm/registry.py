@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
 from ccm.devices import DeviceConfigs, merge_device_info
-from ccm.domain import ClientType
+from ccm.domain import ClientType, DisconnectReason
 from ccm.errors import DuplicateClientError
 from ccm.ids import new_id
 
@@ -106,10 +106,8 @@ class ClientConnectionManager:
         self._devices_by_platform: dict[str, dict[str, None]] = {}
         self._devices_by_feature: dict[str, dict[str, None]] = {}
         self._devices_by_tag: dict[str, dict[str, None]] = {}
-
-    @property
-    def store(self) -> Store | None:
-        return self._store
+        self._heard: dict[str, None] = {}
+        """Clients heard from (touch) since the last `take_heard_from`."""
 
     @property
     def device_configs(self) -> DeviceConfigs:
@@ -174,12 +172,15 @@ class ClientConnectionManager:
         if self._store is not None:
             if old is not None:
                 self._store.record_disconnect(
-                    connection_id=old.connection_id, client_id=client_id, reason="replaced", at=now
+                    connection_id=old.connection_id,
+                    client_id=client_id,
+                    reason=DisconnectReason.REPLACED,
+                    at=now,
                 )
             self._store.record_connect(
                 connection_id=info.connection_id,
                 client_id=client_id,
-                client_type=client_type.value,
+                client_type=client_type,
                 platform=platform,
                 metadata=_json_safe(metadata),
                 system_info=_json_safe(system_info),
@@ -197,7 +198,11 @@ class ClientConnectionManager:
         return info
 
     def remove_client(
-        self, client_id: str, *, epoch: int | None = None, reason: str = "closed"
+        self,
+        client_id: str,
+        *,
+        epoch: int | None = None,
+        reason: DisconnectReason = DisconnectReason.CLOSED,
     ) -> ClientInfo | None:
         """Remove a client. With `epoch`, only that registration is removed (a late disconnect of
         a replaced socket leaves the newer one alone). Returns the removed entry, if any."""
@@ -259,7 +264,20 @@ class ClientConnectionManager:
             if info is None or (epoch is not None and info.epoch != epoch):
                 return False
             info.last_heartbeat_at = self._clock()
+            self._heard[client_id] = None
             return True
+
+    def take_heard_from(self) -> list[tuple[str, str, datetime]]:
+        """(client id, connection id, last heard at) of the live clients heard from since the
+        last call: what the store's `last_seen_at` must catch up with."""
+        with self.lock:
+            heard, self._heard = self._heard, {}
+            return [
+                (client_id, info.connection_id, info.last_heartbeat_at)
+                for client_id in heard
+                if (info := self.online_clients.get(client_id)) is not None
+                and info.last_heartbeat_at is not None
+            ]
 
     # -- session mappings -------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ drops the session from the registry's maps, so nothing accumulates.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ccm.clock import Clock, utcnow
-from ccm.domain import FINISHED_STATES, Mode, Origin, SessionState
+from ccm.domain import FINISHED_STATES, Mode, Origin, SessionReason, SessionState
 from ccm.errors import SessionError
 from ccm.ids import new_id
 from ccm.registry import ClientConnectionManager
@@ -26,6 +27,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_SESSION_ID_LENGTH = 512
+
+
+@dataclass(eq=False, slots=True)
+class SessionRun:
+    """How a live session is being executed, never persisted: set by whoever runs it."""
+
+    launched: bool = False
+    """The device was handed the session (relay TASK sent, or a runner started)."""
+    task: asyncio.Task[None] | None = None
+    """The runner's task (agent mode), cancelled when the session ends first."""
+    commands: dict[str, asyncio.Future[list[dict[str, Any]]]] = field(default_factory=dict)
+    """COMMANDs waiting for their COMMAND_RESULTS, by the COMMAND's response id."""
 
 
 @dataclass(eq=False)
@@ -45,8 +58,7 @@ class LiveSession:
     started_at: datetime | None = None
     owner_id: str = ""
     """The client that gets the TASK_END: the constellation, or the device for its own task."""
-    runtime: dict[str, Any] = field(default_factory=dict)
-    """Scratch space for whoever executes the session (a runner), never persisted."""
+    run: SessionRun = field(default_factory=SessionRun)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +67,24 @@ class EndedSession:
 
     session: LiveSession
     state: SessionState
-    reason: str | None
+    reason: SessionReason | None
     result: Any
     error: str | None
     ended_at: datetime
 
 
 class SessionManager:
-    """Live sessions in memory, their history written through the registry's store."""
+    """Live sessions in memory, their history written through `store` (None: memory only)."""
 
-    def __init__(self, registry: ClientConnectionManager, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        registry: ClientConnectionManager,
+        *,
+        store: Store | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
         self._registry = registry
-        self._store: Store | None = registry.store
+        self._store = store
         self._clock = clock
         self._lock = threading.Lock()
         self._live: dict[str, LiveSession] = {}
@@ -126,10 +144,10 @@ class SessionManager:
                 session_id=session_id,
                 task_name=task_name,
                 request=request,
-                origin=origin.value,
+                origin=origin,
                 constellation_id=constellation_id,
                 device_id=device_id,
-                mode=mode.value,
+                mode=mode,
                 state=SessionState.RUNNING,
                 at=now,
             )
@@ -161,7 +179,7 @@ class SessionManager:
         session_id: str,
         state: SessionState,
         *,
-        reason: str | None = None,
+        reason: SessionReason | None = None,
         result: Any = None,
         error: str | None = None,
         run_id: str | None = None,
@@ -194,7 +212,7 @@ class SessionManager:
             session.device_id,
             session.origin.value,
             session.mode.value,
-            (ended_at - session.created_at).total_seconds(),
+            (ended_at - (session.created_at or ended_at)).total_seconds(),
         )
         return EndedSession(session, state, reason, result, error, ended_at)
 
@@ -202,12 +220,17 @@ class SessionManager:
         return self.finish(session_id, SessionState.COMPLETED, result=result)
 
     def fail(
-        self, session_id: str, *, error: str, reason: str | None = None, result: Any = None
+        self,
+        session_id: str,
+        *,
+        error: str,
+        reason: SessionReason | None = None,
+        result: Any = None,
     ) -> EndedSession | None:
         return self.finish(
             session_id, SessionState.FAILED, reason=reason, error=error, result=result
         )
 
-    def cancel_task(self, session_id: str, reason: str) -> EndedSession | None:
+    def cancel_task(self, session_id: str, reason: SessionReason) -> EndedSession | None:
         """Cancel a session (the seed's name). Safe to call for an ended or unknown session."""
         return self.finish(session_id, SessionState.CANCELLED, reason=reason)

@@ -90,7 +90,7 @@ def history(url: str, sqlite_template: Path, tmp_path: Path) -> History:
     now = datetime.now(UTC)
     clock = FakeClock(now)
     registry = ClientConnectionManager(store=store, clock=clock)
-    manager = SessionManager(registry, clock=clock)
+    manager = SessionManager(registry, store=store, clock=clock)
 
     def at(**ago: float) -> None:
         clock.now = now - timedelta(**ago)

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, model_validator
 
-from ccm.domain import FINISHED_STATES, Origin, SessionState
+from ccm.domain import FINISHED_STATES, SessionState
 from ccm.errors import ConfigError, SessionError, StoreUnavailable
 from ccm.protocol import has_unstorable_value, is_valid_task_name
 from ccm.server.auth import keys_match, require_api_key
@@ -272,14 +272,7 @@ async def dispatch(
     if not registry.is_device_connected(body.client_id):
         raise HTTPException(status.HTTP_409_CONFLICT, "Tasks can only be dispatched to devices")
     try:
-        session = await hub.start_session(
-            requester=None,
-            session_id=None,
-            device_id=body.client_id,
-            origin=Origin.HTTP,
-            task_name=task_name,
-            request=body.request,
-        )
+        session = await hub.dispatch(body.client_id, body.request, task_name)
     except StoreUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     except SessionError as exc:

@@ -16,19 +16,23 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ccm.domain import ClientType
+from ccm.domain import ClientType, DisconnectReason
 from ccm.metrics import Metrics
 from ccm.protocol import CLOSE_POLICY
+from ccm.server import eager_send
 
 logger = logging.getLogger(__name__)
 
 OUTBOX_SIZE = 1024
+
+SOCKET_GONE = (WebSocketDisconnect, RuntimeError, OSError)
+"""What a send or close on a WebSocket that is already closed raises: starlette's
+WebSocketDisconnect (it wraps the transport's OSError) and RuntimeError (a send after the close),
+uvicorn's ClientDisconnected (an OSError). The receive loop notices the close and cleans up."""
 
 
 @dataclass(eq=False, slots=True)
@@ -42,7 +46,7 @@ class Peer:
     send_timeout: float
     target_id: str | None = None
     epoch: int = 0
-    close_reason: str | None = None
+    close_reason: DisconnectReason | None = None
     metrics: Metrics | None = None
     _outbox: collections.deque[str] | None = None
     """Frames waiting behind one the transport did not take at once; None when nothing waits."""
@@ -56,7 +60,7 @@ class Peer:
     """The connection's receive loop (ws.py), ended by `interrupt`."""
     receiving: bool = False
     """True while the receive loop waits for the next frame (a safe point to cancel it)."""
-    interrupted: str | None = None
+    interrupted: DisconnectReason | None = None
     """Why the receive loop must end (`heartbeat_timeout`, `connection_lost`), once it must."""
     last_frame_at: float = 0.0
     """Event-loop time of the last frame received; the receive loop stamps it."""
@@ -80,26 +84,21 @@ class Peer:
             return False
         if self._sender is None:
             # Nothing queued before it: write it now, with no task and no timer.
-            pending = self.websocket.send_text(frame)
             try:
-                waiting_on = pending.send(None)
-            except StopIteration:
-                pass  # written
-            except Exception:  # the socket is gone; the receive loop notices and cleans up
+                waiting = eager_send.start(self.websocket.send_text(frame))
+            except SOCKET_GONE:
                 self._send_failed = True
                 return False
-            else:
+            if waiting is not None:
                 # The transport is paused (the client reads slower than we write): finish this
                 # frame, and any queued after it, in the background under the send timeout.
                 self._outbox = collections.deque()
-                self._sender = asyncio.get_running_loop().create_task(
-                    self._send_queued(_Suspended(pending, waiting_on))
-                )
+                self._sender = asyncio.get_running_loop().create_task(self._send_queued(waiting))
         else:
             outbox = self._outbox
             assert outbox is not None
             if len(outbox) >= OUTBOX_SIZE:
-                self.kick("slow_consumer")
+                self.kick(DisconnectReason.SLOW_CONSUMER)
                 return False
             outbox.append(frame)
         if self.metrics is not None:
@@ -107,7 +106,7 @@ class Peer:
             self.metrics.frame_out(frame[9 : frame.find('"', 9)])
         return True
 
-    async def _send_queued(self, first: _Suspended) -> None:
+    async def _send_queued(self, first: eager_send.Suspended) -> None:
         outbox = self._outbox
         try:
             async with asyncio.timeout(self.send_timeout):
@@ -118,8 +117,8 @@ class Peer:
                     await self.websocket.send_text(frame)
         except TimeoutError:
             self._send_failed = True
-            self.kick("slow_consumer")
-        except Exception:  # the socket is gone; the receive loop notices and cleans up
+            self.kick(DisconnectReason.SLOW_CONSUMER)
+        except SOCKET_GONE:
             self._send_failed = True
         finally:
             self._sender = None
@@ -134,13 +133,13 @@ class Peer:
         sender = self._sender
         if sender is not None:
             sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender  # it ends on socket errors itself; anything else is a bug: raised
         self._outbox = None
 
     # -- closing ---------------------------------------------------------------------------------
 
-    def kick(self, reason: str, code: int = CLOSE_POLICY) -> None:
+    def kick(self, reason: DisconnectReason, code: int = CLOSE_POLICY) -> None:
         """Close this connection from the server side, recording `reason`."""
         if self._closing:
             return
@@ -149,7 +148,7 @@ class Peer:
         logger.warning("closing connection client_id=%s reason=%s", self.client_id, reason)
         self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
 
-    async def flush_and_close(self, code: int, reason: str) -> None:
+    async def flush_and_close(self, code: int, reason: DisconnectReason) -> None:
         """Deliver what is queued (bounded by the send timeout), then close."""
         if self._closing:
             return
@@ -157,36 +156,35 @@ class Peer:
         self._closing = True  # nothing more is queued; what is queued still goes out
         sender = self._sender
         if sender is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(TimeoutError):  # a slow reader: close what it has
                 await asyncio.wait_for(asyncio.shield(sender), self.send_timeout)
         await self._close(code, reason)
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def _close(self, code: int, reason: DisconnectReason) -> None:
         sender = self._sender
         if sender is not None and sender is not asyncio.current_task():
             sender.cancel()
         if self.websocket.application_state is WebSocketState.CONNECTED:
             try:
                 await asyncio.wait_for(
-                    self.websocket.close(code=code, reason=reason[:120]), self.send_timeout
+                    self.websocket.close(code=code, reason=reason.value), self.send_timeout
                 )
             except TimeoutError:
                 # Not even the close frame could be written: the client does not read, so it
                 # will never answer it either. Waiting for its close (or for the heartbeat
                 # timeout) would keep it registered for minutes.
-                self.interrupt("connection_lost")
-            except Exception:  # already gone: the receive loop sees the disconnect
+                self.interrupt(DisconnectReason.CONNECTION_LOST)
+            except SOCKET_GONE:  # already gone: the receive loop sees the disconnect
                 pass
 
     async def wait_closed(self) -> None:
         """Wait for the close a kick started (bounded by the send timeout inside it)."""
         if self._closer is not None:
-            with contextlib.suppress(Exception):
-                await self._closer
+            await self._closer  # _close handles a gone socket and a timeout itself
 
     # -- the receive loop ------------------------------------------------------------------------
 
-    def interrupt(self, reason: str) -> None:
+    def interrupt(self, reason: DisconnectReason) -> None:
         """End the receive loop: at once if it is waiting for a frame, else after this frame."""
         if self.interrupted is not None:
             return
@@ -210,33 +208,4 @@ class Peer:
             self._silence_timer = loop.call_at(due, self._check_silence, loop)
             return
         self._silence_timer = None
-        self.interrupt("heartbeat_timeout")
-
-
-@dataclass(slots=True)
-class _Suspended:
-    """A send coroutine that was started by hand and is waiting on `waiting_on` (what it
-    yielded: a future, or None for a bare yield). `finish` drives it to its end from a task,
-    passing a cancel (the send timeout) into it."""
-
-    coroutine: Coroutine[Any, Any, None]
-    waiting_on: Any
-
-    async def finish(self) -> None:
-        while True:
-            try:
-                if self.waiting_on is None:
-                    await asyncio.sleep(0)
-                else:
-                    self.waiting_on._asyncio_future_blocking = False
-                    await self.waiting_on
-            except BaseException as exc:  # cancelled (the timeout): the send sees it too
-                try:
-                    self.waiting_on = self.coroutine.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                self.waiting_on = self.coroutine.send(None)
-            except StopIteration:
-                return
+        self.interrupt(DisconnectReason.HEARTBEAT_TIMEOUT)

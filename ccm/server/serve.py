@@ -26,15 +26,6 @@ class CcmServer(uvicorn.Server):
         super().__init__(config)
         self._app = app
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises a captured signal after its graceful shutdown, so SIGTERM would end
-        # the process as killed by the signal (status -15); a stop we completed exits with 0.
-        if sig == signal.SIGTERM:
-            captured = getattr(self, "_captured_signals", None)  # private in uvicorn >= 0.29
-            if isinstance(captured, list) and sig in captured:
-                captured.remove(sig)
-
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -51,17 +42,14 @@ class CcmServer(uvicorn.Server):
             logger.error("device config reload failed, previous config kept: %s", exc)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The shutdown sequence (see ccm.server.runtime): stop accepting, then our part (live
+        sessions ended, connections closed with 1001), then uvicorn's (in-flight requests, then
+        the lifespan's exit, which flushes the writer)."""
         for server in self.servers:
             server.close()
-        dashboard = getattr(self._app.state, "dashboard", None)
-        if dashboard is not None:
-            dashboard.close()  # end event streams: uvicorn's drain would wait for open browsers
-        hub = getattr(self._app.state, "hub", None)
-        if hub is not None:
-            try:
-                await hub.shutdown()
-            except Exception:
-                logger.exception("error while closing client connections")
+        runtime = getattr(self._app.state, "runtime", None)
+        if runtime is not None:
+            await runtime.close_connections()
         await super().shutdown(sockets)
 
 
@@ -76,4 +64,15 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    CcmServer(config, app).run()
+    # uvicorn restores the SIGTERM handler it found when it stops, then raises the signal again
+    # (its documented behaviour, to end as a signalled process would). A stop we completed
+    # gracefully ends with status 0 instead: the handler found is this one.
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        CcmServer(config, app).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

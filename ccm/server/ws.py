@@ -13,6 +13,7 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketState
 
+from ccm.domain import DisconnectReason
 from ccm.protocol import (
     CLOSE_INVALID_PAYLOAD,
     CLOSE_POLICY,
@@ -23,7 +24,9 @@ from ccm.protocol import (
     error_frame,
 )
 from ccm.server.auth import keys_match
-from ccm.server.hub import Hub, RegistrationRefused
+from ccm.server.hub import Hub
+from ccm.server.peer import SOCKET_GONE, Peer
+from ccm.server.registration import RegistrationRefused
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ async def _receive_text(websocket: WebSocket, max_bytes: int) -> str:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         raise _Closed(message.get("code"))
-    text = message.get("text")
+    text: str | None = message.get("text")
     if text is None:
         raise FrameError(
             "binary frames are not supported: send each AIP message as one JSON text frame",
@@ -57,9 +60,27 @@ async def _receive_text(websocket: WebSocket, max_bytes: int) -> str:
 
 async def _refuse(websocket: WebSocket, text: str, code: int) -> None:
     """ERROR frame, then close: how every registration failure ends."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(*SOCKET_GONE):  # the client did not wait for the answer
         await websocket.send_text(error_frame(text))
-        await websocket.close(code=code, reason=text[:120])
+        await websocket.close(code=code, reason=_close_reason(text))
+
+
+def _close_reason(text: str) -> str:
+    """A close frame's reason: at most 123 bytes of UTF-8 (RFC 6455), cut on a character."""
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")
+
+
+def _reason_for_close_code(code: int | None) -> DisconnectReason:
+    """What a close the client (or uvicorn on its behalf) sent means for the connection row.
+    uvicorn enforces ws_max_size itself and reports its 1009 as a disconnect; it closes invalid
+    UTF-8 (1007) and broken framing (1002) itself too."""
+    if code in (None, 1000, 1001):
+        return DisconnectReason.CLOSED
+    if code == CLOSE_TOO_BIG:
+        return DisconnectReason.FRAME_TOO_LARGE
+    if code in _PROTOCOL_CLOSE_CODES:
+        return DisconnectReason.PROTOCOL_ERROR
+    return DisconnectReason.CONNECTION_LOST
 
 
 def _remote(websocket: WebSocket) -> str | None:
@@ -113,44 +134,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     # message, a few KB with system info) alive in this frame until the next message arrives.
     del text, msg
 
-    silence_limit = 1.5 * server.heartbeat_interval.total_seconds()
-    reason = "closed"
-    bad_frames = 0
     peer.handler = asyncio.current_task()
-    peer.watch_silence(silence_limit)
-    clock = asyncio.get_running_loop().time
+    peer.watch_silence(1.5 * server.heartbeat_interval.total_seconds())
+    reason = DisconnectReason.CLOSED
     try:
-        while peer.interrupted is None:
-            try:
-                peer.receiving = True
-                try:
-                    text = await _receive_text(websocket, max_bytes)
-                finally:
-                    peer.receiving = False
-                peer.last_frame_at = clock()
-                msg = decode_client_message(text)
-            except FrameError as exc:
-                hub.metrics.protocol_errors.labels(exc.kind).inc()
-                if exc.close_code == CLOSE_TOO_BIG:
-                    reason = "frame_too_large"
-                    peer.kick(reason, CLOSE_TOO_BIG)
-                    break
-                bad_frames += 1
-                peer.send(error_frame(exc.reason))
-                if bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES:
-                    reason = "protocol_error"
-                    # The client is reading: let it have the last ERROR before the close.
-                    await peer.flush_and_close(exc.close_code, reason)
-                    break
-                continue
-            bad_frames = 0
-            try:
-                await hub.handle(peer, msg)
-            except Exception:
-                # One bad frame never ends the connection or touches anyone else.
-                logger.exception("error handling %s client_id=%s", msg.type.value, peer.client_id)
-                hub.metrics.protocol_errors.labels("internal_error").inc()
-                peer.send(error_frame(f"internal error while handling {msg.type.value}"))
+        reason = await _receive_loop(websocket, hub, peer, max_bytes)
     except asyncio.CancelledError:
         # Peer.interrupt: silence past the limit, or a client that cannot even be sent a close
         # frame. Any other cancel (the server stopping) goes on up.
@@ -160,26 +148,56 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         task.uncancel()
         reason = peer.interrupted
     except _Closed as closed:
-        # uvicorn enforces ws_max_size itself and reports its 1009 close as a disconnect; it
-        # closes invalid UTF-8 (1007) and broken framing (1002) itself too.
-        reason = (
-            "closed"
-            if closed.code in (None, 1000, 1001)
-            else "frame_too_large"
-            if closed.code == CLOSE_TOO_BIG
-            else "protocol_error"
-            if closed.code in _PROTOCOL_CLOSE_CODES
-            else "connection_lost"
-        )
-    except (RuntimeError, OSError):
+        reason = _reason_for_close_code(closed.code)
+    except SOCKET_GONE:
         # Receiving after the server closed the socket (kick) or a broken transport.
-        reason = "connection_lost"
+        reason = DisconnectReason.CONNECTION_LOST
     finally:
-        if peer.interrupted == "heartbeat_timeout":
+        if peer.interrupted is DisconnectReason.HEARTBEAT_TIMEOUT:
             reason = peer.interrupted
             peer.kick(reason)
         await hub.disconnect(peer, peer.close_reason or reason)
         await peer.wait_closed()  # a kick's close carries its code (1007, 1008, 1009): not 1000
         if websocket.application_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*SOCKET_GONE):
                 await websocket.close()
+
+
+async def _receive_loop(
+    websocket: WebSocket, hub: Hub, peer: Peer, max_bytes: int
+) -> DisconnectReason:
+    """Frames of a registered connection, handled one after the other until the loop must end;
+    returns why, unless the client closes (_Closed) or the socket breaks."""
+    bad_frames = 0
+    clock = asyncio.get_running_loop().time
+    while peer.interrupted is None:
+        try:
+            peer.receiving = True
+            try:
+                text = await _receive_text(websocket, max_bytes)
+            finally:
+                peer.receiving = False
+            peer.last_frame_at = clock()
+            msg = decode_client_message(text)
+        except FrameError as exc:
+            hub.metrics.protocol_errors.labels(exc.kind).inc()
+            if exc.close_code == CLOSE_TOO_BIG:
+                peer.kick(DisconnectReason.FRAME_TOO_LARGE, CLOSE_TOO_BIG)
+                return DisconnectReason.FRAME_TOO_LARGE
+            bad_frames += 1
+            peer.send(error_frame(exc.reason))
+            if bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES:
+                # The client is reading: let it have the last ERROR before the close.
+                await peer.flush_and_close(exc.close_code, DisconnectReason.PROTOCOL_ERROR)
+                return DisconnectReason.PROTOCOL_ERROR
+            continue
+        bad_frames = 0
+        try:
+            await hub.handle(peer, msg)
+        except Exception:
+            # One bad frame never ends the connection or touches anyone else; the traceback is
+            # logged, and the client told which frame failed.
+            logger.exception("error handling %s client_id=%s", msg.type.value, peer.client_id)
+            hub.metrics.protocol_errors.labels("internal_error").inc()
+            peer.send(error_frame(f"internal error while handling {msg.type.value}"))
+    return peer.interrupted

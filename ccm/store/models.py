@@ -9,7 +9,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -122,7 +132,7 @@ class SessionRecord(Base):
     """`relay` (the device runs the task) or `agent` (a ccm runner drives it with commands)."""
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(64))
-    """Why it was cancelled, failed or interrupted (`device_disconnected`, `server_restart`, ...)."""
+    """Why it was cancelled, failed or interrupted (a `ccm.domain.SessionReason`)."""
     result: Mapped[Any] = mapped_column(JSONValue, nullable=True)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -140,7 +150,15 @@ class SessionRecord(Base):
     )
 
 
-clients = ClientRecord.__table__
-connections = ConnectionRecord.__table__
-sessions = SessionRecord.__table__
-server_runs = ServerRunRecord.__table__
+def _table(record: type[Base]) -> Table:
+    """The record's Table. Declarative types `__table__` as a FromClause (it may be a join for
+    mapped classes in general); ours are plain tables, and the store's statements need Table."""
+    table = record.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+clients = _table(ClientRecord)
+connections = _table(ConnectionRecord)
+sessions = _table(SessionRecord)
+server_runs = _table(ServerRunRecord)

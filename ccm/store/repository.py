@@ -14,14 +14,33 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select, update
 
 from ccm.clock import utcnow
-from ccm.domain import LIVE_STATES, DisconnectReason, SessionReason, SessionState
+from ccm.domain import (
+    LIVE_STATES,
+    ClientType,
+    DisconnectReason,
+    Mode,
+    Origin,
+    SessionReason,
+    SessionState,
+)
 from ccm.store.models import (
     clients,
     connections,
     server_runs,
     sessions,
 )
-from ccm.store.writer import StoreWriter, Write
+from ccm.store.writer import StoreWriter
+from ccm.store.writes import (
+    ConnectParams,
+    DisconnectParams,
+    LastSeenParams,
+    RunStoppedParams,
+    SessionCreatedParams,
+    SessionEndedParams,
+    SystemInfoParams,
+    Write,
+    WriteKind,
+)
 
 
 def _row_dict(row: Any) -> dict[str, Any]:
@@ -140,17 +159,20 @@ class Store:
 
     def record_run_stopped(self, *, at: datetime | None = None) -> None:
         self.writer.submit(
-            Write("run_stopped", params={"p_run_id": self.run_id, "p_at": at or utcnow()})
+            Write(
+                WriteKind.RUN_STOPPED, RunStoppedParams(p_run_id=self.run_id, p_at=at or utcnow())
+            )
         )
 
     # -- writes (queued; each is idempotent, see ccm.store.statements) ----------------------
+    # Enums are stored as their values (str() of a StrEnum is its value).
 
     def record_connect(
         self,
         *,
         connection_id: str,
         client_id: str,
-        client_type: str,
+        client_type: ClientType,
         platform: str | None,
         metadata: Any,
         system_info: Any,
@@ -158,50 +180,40 @@ class Store:
         at: datetime,
     ) -> None:
         """A client registered on a new connection: upsert the client, insert the connection."""
-        self.writer.submit(
-            Write(
-                "connect",
-                key=client_id,
-                params={
-                    "p_connection_id": connection_id,
-                    "p_client_id": client_id,
-                    "p_client_type": client_type,
-                    "p_platform": platform,
-                    "p_metadata": metadata,
-                    "p_system_info": system_info,
-                    "p_remote_address": remote_address,
-                    "p_server_run_id": self.run_id,
-                    "p_at": at,
-                },
-            )
+        params = ConnectParams(
+            p_connection_id=connection_id,
+            p_client_id=client_id,
+            p_client_type=str(client_type),
+            p_platform=platform,
+            p_metadata=metadata,
+            p_system_info=system_info,
+            p_remote_address=remote_address,
+            p_server_run_id=self.run_id,
+            p_at=at,
         )
+        self.writer.submit(Write(WriteKind.CONNECT, params, key=client_id))
 
     def record_disconnect(
-        self, *, connection_id: str, client_id: str, reason: str, at: datetime
+        self, *, connection_id: str, client_id: str, reason: DisconnectReason, at: datetime
     ) -> None:
         """A connection ended. The client goes offline only if this was its current connection."""
-        self.writer.submit(
-            Write(
-                "disconnect",
-                key=connection_id,
-                params={
-                    "p_connection_id": connection_id,
-                    "p_client_id": client_id,
-                    "p_reason": reason,
-                    "p_at": at,
-                },
-            )
+        params = DisconnectParams(
+            p_connection_id=connection_id,
+            p_client_id=client_id,
+            p_reason=str(reason),
+            p_at=at,
         )
+        self.writer.submit(Write(WriteKind.DISCONNECT, params, key=connection_id))
 
     def record_system_info(self, *, client_id: str, system_info: Any) -> None:
         """A device's merged system info changed (device config reloaded)."""
-        self.writer.submit(
-            Write(
-                "system_info",
-                key=client_id,
-                params={"p_client_id": client_id, "p_system_info": system_info},
-            )
-        )
+        params = SystemInfoParams(p_client_id=client_id, p_system_info=system_info)
+        self.writer.submit(Write(WriteKind.SYSTEM_INFO, params, key=client_id))
+
+    def record_last_seen(self, *, client_id: str, connection_id: str, at: datetime) -> None:
+        """A client was heard from on its current connection (only ever moves forward)."""
+        params = LastSeenParams(p_client_id=client_id, p_connection_id=connection_id, p_at=at)
+        self.writer.submit(Write(WriteKind.LAST_SEEN, params, key=client_id))
 
     def record_session_created(
         self,
@@ -210,62 +222,49 @@ class Store:
         session_id: str,
         task_name: str | None,
         request: str | None,
-        origin: str,
+        origin: Origin,
         constellation_id: str | None,
         device_id: str,
-        mode: str,
+        mode: Mode,
         state: SessionState,
         at: datetime,
     ) -> None:
-        self.writer.submit(
-            Write(
-                "session_created",
-                key=id,
-                params={
-                    "p_id": id,
-                    "p_session_id": session_id,
-                    "p_task_name": task_name,
-                    "p_request": request,
-                    "p_origin": origin,
-                    "p_constellation_id": constellation_id,
-                    "p_device_id": device_id,
-                    "p_mode": mode,
-                    "p_state": state.value,
-                    "p_at": at,
-                    "p_started_at": at if state is SessionState.RUNNING else None,
-                    "p_server_run_id": self.run_id,
-                },
-            )
+        params = SessionCreatedParams(
+            p_id=id,
+            p_session_id=session_id,
+            p_task_name=task_name,
+            p_request=request,
+            p_origin=str(origin),
+            p_constellation_id=constellation_id,
+            p_device_id=device_id,
+            p_mode=str(mode),
+            p_state=str(state),
+            p_at=at,
+            p_started_at=at if state is SessionState.RUNNING else None,
+            p_server_run_id=self.run_id,
         )
-
-    def record_session_started(self, *, id: str, at: datetime) -> None:
-        self.writer.submit(Write("session_started", key=id, params={"p_id": id, "p_at": at}))
+        self.writer.submit(Write(WriteKind.SESSION_CREATED, params, key=id))
 
     def record_session_ended(
         self,
         *,
         id: str,
         state: SessionState,
-        reason: str | None,
+        reason: SessionReason | None,
         result: Any,
         error: str | None,
         at: datetime,
     ) -> None:
         """A session reached a final state. Guarded so a replay never overwrites an earlier end."""
-        self.writer.submit(
-            Write(
-                "session_ended",
-                key=id,
-                params={
-                    "p_id": id,
-                    "p_state": state.value,
-                    "p_reason": reason,
-                    "p_result": result,
-                    "p_error": error,
-                    "p_at": at,
-                },
-            )
+        params = SessionEndedParams(
+            p_id=id,
+            p_state=str(state),
+            p_reason=str(reason) if reason is not None else None,
+            p_result=result,
+            p_error=error,
+            p_at=at,
         )
+        self.writer.submit(Write(WriteKind.SESSION_ENDED, params, key=id))
 
 
 # -- reads: plain functions on an engine, used by the store's owner, the API and the CLI --

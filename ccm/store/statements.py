@@ -15,20 +15,42 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import BindParameter, Executable, and_, bindparam, literal_column, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnClause,
+    Executable,
+    Table,
+    TupleType,
+    and_,
+    literal_column,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import BindTyping, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ccm.domain import LIVE_STATES
 from ccm.store.models import clients, connections, server_runs, sessions
+from ccm.store.writes import (
+    ConnectParams,
+    DisconnectParams,
+    LastSeenParams,
+    RunStoppedParams,
+    SessionCreatedParams,
+    SessionEndedParams,
+    SystemInfoParams,
+    WriteKind,
+    binds,
+)
 
 # Inlined as SQL literals: a list of values would become one "expanding" parameter, which
 # executemany() refuses, and every batch with two session ends would fail and go row by row.
-_LIVE = [literal_column(f"'{s.value}'") for s in sorted(LIVE_STATES)]
+_LIVE: list[ColumnClause[Any]] = [
+    literal_column(f"'{state.value}'") for state in sorted(LIVE_STATES)
+]
 
 
-def _insert(dialect: str, table):  # type: ignore[no-untyped-def]
+def _insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
@@ -36,24 +58,20 @@ def _insert(dialect: str, table):  # type: ignore[no-untyped-def]
     raise NotImplementedError(f"unsupported database dialect {dialect}")
 
 
-def _p(name: str):  # type: ignore[no-untyped-def]
-    # Parameter names are prefixed: names equal to column names are reserved in INSERT/UPDATE.
-    return bindparam(f"p_{name}")
-
-
 @cache
 def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
     """Write kind -> the statements it runs, in order, for one dialect."""
+    c = binds(ConnectParams)
     client_upsert = _insert(dialect, clients).values(
-        client_id=_p("client_id"),
-        client_type=_p("client_type"),
-        platform=_p("platform"),
-        metadata=_p("metadata"),
-        system_info=_p("system_info"),
-        first_seen_at=_p("at"),
-        last_seen_at=_p("at"),
+        client_id=c["p_client_id"],
+        client_type=c["p_client_type"],
+        platform=c["p_platform"],
+        metadata=c["p_metadata"],
+        system_info=c["p_system_info"],
+        first_seen_at=c["p_at"],
+        last_seen_at=c["p_at"],
         online=True,
-        current_connection_id=_p("connection_id"),
+        current_connection_id=c["p_connection_id"],
     )
     client_upsert = client_upsert.on_conflict_do_update(
         index_elements=[clients.c.client_id],
@@ -70,85 +88,99 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
     connection_insert = (
         _insert(dialect, connections)
         .values(
-            connection_id=_p("connection_id"),
-            client_id=_p("client_id"),
-            client_type=_p("client_type"),
-            connected_at=_p("at"),
-            remote_address=_p("remote_address"),
-            server_run_id=_p("server_run_id"),
+            connection_id=c["p_connection_id"],
+            client_id=c["p_client_id"],
+            client_type=c["p_client_type"],
+            connected_at=c["p_at"],
+            remote_address=c["p_remote_address"],
+            server_run_id=c["p_server_run_id"],
         )
         .on_conflict_do_nothing(index_elements=[connections.c.connection_id])
     )
+    d = binds(DisconnectParams)
     connection_close = (
         update(connections)
         .where(
             and_(
-                connections.c.connection_id == _p("connection_id"),
+                connections.c.connection_id == d["p_connection_id"],
                 connections.c.disconnected_at.is_(None),
             )
         )
-        .values(disconnected_at=_p("at"), disconnect_reason=_p("reason"))
+        .values(disconnected_at=d["p_at"], disconnect_reason=d["p_reason"])
     )
     client_offline = (
         update(clients)
         .where(
             and_(
-                clients.c.client_id == _p("client_id"),
-                clients.c.current_connection_id == _p("connection_id"),
+                clients.c.client_id == d["p_client_id"],
+                clients.c.current_connection_id == d["p_connection_id"],
             )
         )
-        .values(online=False, last_seen_at=_p("at"), current_connection_id=None)
+        .values(online=False, last_seen_at=d["p_at"], current_connection_id=None)
     )
+    i = binds(SystemInfoParams)
     client_system_info = (
         update(clients)
-        .where(clients.c.client_id == _p("client_id"))
-        .values(system_info=_p("system_info"))
+        .where(clients.c.client_id == i["p_client_id"])
+        .values(system_info=i["p_system_info"])
     )
+    h = binds(LastSeenParams)
+    client_last_seen = (
+        update(clients)
+        .where(
+            and_(
+                clients.c.client_id == h["p_client_id"],
+                clients.c.current_connection_id == h["p_connection_id"],
+                clients.c.last_seen_at < h["p_at"],
+            )
+        )
+        .values(last_seen_at=h["p_at"])
+    )
+    n = binds(SessionCreatedParams)
     session_insert = (
         _insert(dialect, sessions)
         .values(
-            id=_p("id"),
-            session_id=_p("session_id"),
-            task_name=_p("task_name"),
-            request=_p("request"),
-            origin=_p("origin"),
-            constellation_id=_p("constellation_id"),
-            device_id=_p("device_id"),
-            mode=_p("mode"),
-            state=_p("state"),
-            created_at=_p("at"),
-            started_at=_p("started_at"),
-            server_run_id=_p("server_run_id"),
+            id=n["p_id"],
+            session_id=n["p_session_id"],
+            task_name=n["p_task_name"],
+            request=n["p_request"],
+            origin=n["p_origin"],
+            constellation_id=n["p_constellation_id"],
+            device_id=n["p_device_id"],
+            mode=n["p_mode"],
+            state=n["p_state"],
+            created_at=n["p_at"],
+            started_at=n["p_started_at"],
+            server_run_id=n["p_server_run_id"],
         )
         .on_conflict_do_nothing(index_elements=[sessions.c.id])
     )
-    session_start = (
-        update(sessions)
-        .where(and_(sessions.c.id == _p("id"), sessions.c.state == "pending"))
-        .values(state="running", started_at=_p("at"))
-    )
+    e = binds(SessionEndedParams)
     session_end = (
         update(sessions)
-        .where(and_(sessions.c.id == _p("id"), sessions.c.state.in_(_LIVE)))
+        .where(and_(sessions.c.id == e["p_id"], sessions.c.state.in_(_LIVE)))
         .values(
-            state=_p("state"),
-            reason=_p("reason"),
-            result=_p("result"),
-            error=_p("error"),
-            ended_at=_p("at"),
+            state=e["p_state"],
+            reason=e["p_reason"],
+            result=e["p_result"],
+            error=e["p_error"],
+            ended_at=e["p_at"],
         )
     )
+    r = binds(RunStoppedParams)
     run_stop = (
-        update(server_runs).where(server_runs.c.run_id == _p("run_id")).values(stopped_at=_p("at"))
+        update(server_runs)
+        .where(server_runs.c.run_id == r["p_run_id"])
+        .values(stopped_at=r["p_at"])
     )
     return {
-        "connect": (client_upsert, connection_insert),
-        "disconnect": (connection_close, client_offline),
-        "system_info": (client_system_info,),
-        "session_created": (session_insert,),
-        "session_started": (session_start,),
-        "session_ended": (session_end,),
-        "run_stopped": (run_stop,),
+        WriteKind.CONNECT: (client_upsert, connection_insert),
+        WriteKind.DISCONNECT: (connection_close, client_offline),
+        WriteKind.SYSTEM_INFO: (client_system_info,),
+        WriteKind.LAST_SEEN: (client_last_seen,),
+        WriteKind.SESSION_CREATED: (session_insert,),
+        WriteKind.SESSION_ENDED: (session_end,),
+        WriteKind.RUN_STOPPED: (run_stop,),
     }
 
 
@@ -214,23 +246,27 @@ def prepare(statement: Executable, dialect: Dialect) -> Prepared | None:
         or compiled.insert_prefetch
         or compiled.update_prefetch
         or compiled.schema_translate_map
-        or getattr(compiled, "_insertmanyvalues", None) is not None
+        or (  # "insertmanyvalues" rewrites an executemany INSERT into batches of VALUES
+            compiled.isinsert
+            and dialect.use_insertmanyvalues
+            and (compiled.effective_returning or dialect.use_insertmanyvalues_wo_returning)
+        )
     ):
         return None
-    binds: dict[str, BindParameter[Any]] = {}
+    bound: dict[str, BindParameter[Any]] = {}
     for bind, name in compiled.bind_names.items():  # the order construct_params() gives
-        if bind.callable is not None or bind.type._is_tuple_type:
+        if bind.callable is not None or isinstance(bind.type, TupleType):
             return None
-        binds[name] = bind
-    defaults = {name: bind.value for name, bind in binds.items() if not bind.required}
+        bound[name] = bind
+    defaults = {name: bind.value for name, bind in bound.items() if not bind.required}
     if compiled.positional:
         assert compiled.positiontup is not None
         names = tuple(compiled.positiontup)
     else:
-        names = tuple(binds)
+        names = tuple(bound)
     processors = []
     for i, name in enumerate(names):
-        bind = binds[name]
+        bind = bound[name]
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             processors.append((i if compiled.positional else name, process))

@@ -15,66 +15,36 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, StatementError
 
 from ccm.errors import StoreBacklogFull, StoreUnavailable
 from ccm.store.statements import Prepared, prepared_for, statements_for
+from ccm.store.writes import MOVABLE, CustomWrite, QueuedWrite, Write
 
 logger = logging.getLogger(__name__)
 
-WriteFn = Callable[[Connection], None]
+# Within a batch, writes of the kinds in `MOVABLE` (ccm.store.writes) may be moved so that writes
+# of one kind run as one executemany (relay traffic interleaves session creates and ends, which
+# would otherwise be groups of one). A batch is applied as segments, each sorted stably by rank.
+# The order only changes where that cannot change the result: each movable write reads and
+# writes only the rows it names, so writes on different rows commute; and a segment ends before
+# any write whose rank is lower than that of an earlier write on one of its rows, so every row
+# sees its writes in their queued order. Any other kind, or a CustomWrite, is a barrier.
+_RANKS = 1 + max(movable.rank for movable in MOVABLE.values())
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One queued write: a kind (whose prepared statements run with `params`, see
-    `ccm.store.statements`), or a custom `apply` function run on the connection.
-
-    `key` names the row the write touches; consecutive writes of one kind are sent together
-    (executemany) as long as no key repeats within the group. Within a batch, writes of the
-    kinds in `_MOVABLE` may be reordered to make such groups, never changing the final state.
-    """
-
-    kind: str
-    apply: WriteFn | None = None
-    params: dict[str, Any] | None = None
-    key: str | None = None
-
-
-# Kinds the writer may move within a batch: kind -> (rank, the rows it touches, named by table
-# and the parameter that holds the row's key). A batch is applied as segments, each sorted stably
-# by rank so that writes of one kind run as one executemany (relay traffic interleaves session
-# creates and ends, which would otherwise be groups of one). The order is only changed where that
-# cannot change the result: each write here reads and writes only the rows it names (guarded
-# updates and upserts on primary keys; the one foreign key, connections -> clients, is satisfied
-# by the connect write's own client upsert, run before its connection insert), so writes on
-# different rows commute; and a segment ends before any write whose rank is lower than that of an
-# earlier write on one of its rows, so every row sees its writes in their queued order. Any other
-# kind, or a custom `apply`, is a barrier: nothing moves across it.
-_MOVABLE: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {
-    "connect": (0, (("clients", "p_client_id"), ("connections", "p_connection_id"))),
-    "disconnect": (1, (("clients", "p_client_id"), ("connections", "p_connection_id"))),
-    "session_created": (2, (("sessions", "p_id"),)),
-    "session_started": (3, (("sessions", "p_id"),)),
-    "session_ended": (4, (("sessions", "p_id"),)),
-}
-
-
-_RANKS = 1 + max(rank for rank, _ in _MOVABLE.values())
-
-
-def _reorder(writes: list[Write]) -> list[Write]:
+def _reorder(writes: list[QueuedWrite]) -> list[QueuedWrite]:
     """`writes` in the order the writer applies them: grouped by kind where that gives the same
-    final state as applying them one by one in queued order (see `_MOVABLE`)."""
-    out: list[Write] = []
-    by_rank: list[list[Write]] = [[] for _ in range(_RANKS)]
+    final state as applying them one by one in queued order (see the comment above)."""
+    out: list[QueuedWrite] = []
+    by_rank: list[list[QueuedWrite]] = [[] for _ in range(_RANKS)]
     """The current segment, stably partitioned by rank."""
-    last_rank: dict[tuple[str, str], int] = {}
+    last_rank: dict[tuple[str, object], int] = {}
     """Highest rank among the segment's writes on each row."""
 
     def close() -> None:
@@ -84,17 +54,15 @@ def _reorder(writes: list[Write]) -> list[Write]:
         last_rank.clear()
 
     for write in writes:
-        movable = _MOVABLE.get(write.kind) if write.apply is None else None
-        params = write.params
-        rows: list[tuple[str, str]] = []
-        if movable is not None and params is not None:
-            rank, touched = movable
-            for table, name in touched:
-                key = params.get(name)
-                if type(key) is not str:  # not a plain string key: keep the write in place
-                    break
-                rows.append((table, key))
-            else:
+        movable = MOVABLE.get(write.kind) if isinstance(write, Write) else None
+        if movable is not None:
+            assert isinstance(write, Write)
+            try:
+                rows = movable.rows(write.params)
+            except KeyError:  # a write without its key parameters: keep it in place
+                rows = ()
+            if rows and all(type(key) is str for _, key in rows):
+                rank = movable.rank
                 for row in rows:
                     if last_rank.get(row, rank) > rank:
                         close()  # an earlier write on this row must stay before this one
@@ -121,13 +89,37 @@ class WriterStats:
     batches_committed: int
     writes_committed: int
     writes_failed: int
+    failed_by_kind: dict[str, int]
+    """Writes the database refused for good (lost), by write kind."""
+    last_failure: str | None
+    """The last lost write: kind, its row and the database's reason."""
     degraded: bool
     last_error: str | None
     last_batch_size: int
     last_commit_seconds: float
 
 
-def _bind(prepared: Prepared, params: list[dict[str, Any]]) -> list[Any]:
+_DESCRIBED_PARAMS = (
+    "p_client_id",
+    "p_connection_id",
+    "p_id",
+    "p_session_id",
+    "p_state",
+    "p_reason",
+)
+
+
+def _describe(write: QueuedWrite) -> str:
+    """The ids of what a lost write carried, for its log line (never its payloads)."""
+    if not isinstance(write, Write):
+        return ""
+    params = write.params
+    return " ".join(
+        f"{name[2:]}={str(params[name])[:200]!r}" for name in _DESCRIBED_PARAMS if name in params
+    )
+
+
+def _bind(prepared: Prepared, params: list[Mapping[str, Any]]) -> list[Any]:
     """DBAPI parameters for each row; a value that cannot be bound raises a StatementError, as it
     does when SQLAlchemy binds it."""
     try:
@@ -161,13 +153,15 @@ class StoreWriter:
         self._stall_after = stall_after
         self._busy_since: float | None = None
         """monotonic() when the batch being applied was first tried; None when idle."""
-        self._queue: collections.deque[Write | _Barrier] = collections.deque()
+        self._queue: collections.deque[QueuedWrite | _Barrier] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._batches = 0
         self._committed = 0
         self._failed = 0
+        self._failed_by_kind: dict[str, int] = {}
+        self._last_failure: str | None = None
         self._degraded = False
         self._last_error: str | None = None
         self._last_batch = 0
@@ -219,7 +213,7 @@ class StoreWriter:
 
     # -- producers ---------------------------------------------------------------------------
 
-    def submit(self, write: Write) -> None:
+    def submit(self, write: QueuedWrite) -> None:
         """Queue a write. Never blocks on I/O."""
         with self._cond:
             self._queue.append(write)
@@ -282,11 +276,13 @@ class StoreWriter:
     def stats(self) -> WriterStats:
         stalled = self._stalled_for()
         return WriterStats(
-            queue_depth=sum(1 for item in list(self._queue) if isinstance(item, Write)),
+            queue_depth=sum(1 for item in list(self._queue) if not isinstance(item, _Barrier)),
             max_queue=self._max_queue,
             batches_committed=self._batches,
             writes_committed=self._committed,
             writes_failed=self._failed,
+            failed_by_kind=dict(self._failed_by_kind),
+            last_failure=self._last_failure,
             degraded=self._degraded or stalled is not None,
             last_error=(
                 f"a commit has waited {stalled:.0f} s for the database (locked or unreachable)"
@@ -299,16 +295,16 @@ class StoreWriter:
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _take_batch(self) -> list[Write | _Barrier]:
+    def _take_batch(self) -> list[QueuedWrite | _Barrier]:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
-            batch: list[Write | _Barrier] = []
+            batch: list[QueuedWrite | _Barrier] = []
             writes = 0
             while self._queue and writes < self._batch_size:
                 item = self._queue.popleft()
                 batch.append(item)
-                if isinstance(item, Write):
+                if not isinstance(item, _Barrier):
                     writes += 1
             return batch
 
@@ -327,7 +323,7 @@ class StoreWriter:
 
     def _drain_inline(self) -> None:
         while self._queue:
-            batch: list[Write | _Barrier] = []
+            batch: list[QueuedWrite | _Barrier] = []
             while self._queue and len(batch) < self._batch_size:
                 batch.append(self._queue.popleft())
             try:
@@ -346,8 +342,8 @@ class StoreWriter:
         waited = time.monotonic() - since
         return waited if waited > self._stall_after else None
 
-    def _apply_until_done(self, batch: list[Write | _Barrier], *, retry: bool = True) -> bool:
-        writes = [item for item in batch if isinstance(item, Write)]
+    def _apply_until_done(self, batch: list[QueuedWrite | _Barrier], *, retry: bool = True) -> bool:
+        writes = [item for item in batch if not isinstance(item, _Barrier)]
         deadline: float | None = None
         self._busy_since = time.monotonic() if writes else None
         while writes:  # a batch of only flush markers needs no transaction
@@ -367,7 +363,7 @@ class StoreWriter:
                     if time.monotonic() > deadline:
                         return False
                 time.sleep(self._retry_interval)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the writer thread is an edge: it must never die
                 # Not transient: one write is bad (refused by the database, or a value that cannot
                 # be bound, which SQLAlchemy raises before the DBAPI is called, or that the driver
                 # cannot even encode). Apply them one by one and drop only the bad one.
@@ -401,7 +397,7 @@ class StoreWriter:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(_resolve, futures)
 
-    def _commit(self, writes: list[Write]) -> None:
+    def _commit(self, writes: list[QueuedWrite]) -> None:
         with self._engine.begin() as conn:
             statements = statements_for(conn.dialect.name)
             prepared = prepared_for(conn.dialect)
@@ -409,22 +405,23 @@ class StoreWriter:
             i = 0
             while i < len(writes):
                 write = writes[i]
-                if write.apply is not None:
+                if isinstance(write, CustomWrite):
                     write.apply(conn)
                     i += 1
                     continue
                 # Group consecutive writes of the same kind into one executemany per statement.
                 keys = {write.key}
+                params = [write.params]
                 j = i + 1
-                while (
-                    j < len(writes)
-                    and writes[j].kind == write.kind
-                    and writes[j].apply is None
-                    and writes[j].key not in keys
-                ):
-                    keys.add(writes[j].key)
+                while j < len(writes):
+                    other = writes[j]
+                    if not isinstance(other, Write) or other.kind != write.kind:
+                        break
+                    if other.key in keys:
+                        break
+                    keys.add(other.key)
+                    params.append(other.params)
                     j += 1
-                params = [w.params or {} for w in writes[i:j]]
                 for statement, fast in zip(
                     statements[write.kind], prepared[write.kind], strict=True
                 ):
@@ -436,7 +433,7 @@ class StoreWriter:
                 i = j
         self._committed += len(writes)
 
-    def _commit_singly(self, writes: list[Write]) -> None:
+    def _commit_singly(self, writes: list[QueuedWrite]) -> None:
         for write in writes:
             while True:
                 try:
@@ -446,17 +443,28 @@ class StoreWriter:
                     if not self._stopping:
                         time.sleep(self._retry_interval)
                         continue
-                    logger.error("dropped write %s while stopping: %s", write.kind, exc)
-                except Exception as exc:
-                    self._failed += 1
+                    self._lost(write, exc, traceback=False)
+                except Exception as exc:  # noqa: BLE001 - refused by the database: report, go on
                     # A driver-level error (not a StatementError) is unexpected: keep its traceback.
-                    logger.error(
-                        "dropped write %s: %s",
-                        write.kind,
-                        exc,
-                        exc_info=not isinstance(exc, StatementError),
-                    )
+                    self._lost(write, exc, traceback=not isinstance(exc, StatementError))
                 break
+
+    def _lost(self, write: QueuedWrite, exc: Exception, *, traceback: bool) -> None:
+        """A write the database refused for good: never silent. It is logged at ERROR with
+        what was lost, and counted by kind (`stats().failed_by_kind`, /metrics, /api/health)."""
+        kind = write.kind if isinstance(write, Write) else write.name
+        self._failed += 1
+        self._failed_by_kind[kind] = self._failed_by_kind.get(kind, 0) + 1
+        what = _describe(write)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self._last_failure = f"{kind} {what}: {reason}"
+        logger.error(
+            "write refused by the database and lost: kind=%s %s error=%s",
+            kind,
+            what,
+            reason,
+            exc_info=traceback,
+        )
 
     def _mark_degraded(self, exc: Exception) -> None:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

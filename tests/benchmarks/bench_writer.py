@@ -48,7 +48,7 @@ def one_run(url: str, n: int, batch_size: int, mode: str = "cycle") -> tuple[flo
     writer = _TimedWriter(engine, batch_size=batch_size, max_queue=10 * n)
     store = Store(engine, writer)
     registry = ClientConnectionManager(store=store)
-    sessions = SessionManager(registry)
+    sessions = SessionManager(registry, store=store)
     if mode == "relay":
         for d in range(20):
             registry.add_client(f"bench-device-{d}", "linux", None, ClientType.DEVICE)

@@ -21,7 +21,8 @@ from ccm.protocol import CLOSE_INVALID_PAYLOAD, FrameError, decode_client_messag
 from ccm.server.peer import Peer
 from ccm.store.engine import make_engine
 from ccm.store.models import connections
-from ccm.store.writer import StoreWriter, Write
+from ccm.store.writer import StoreWriter
+from ccm.store.writes import Write
 from tests.reliability.support import OP_TEXT, Closed, RawWs
 from tests.server.support import API_KEY, ServerThread, make_settings
 

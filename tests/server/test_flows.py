@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, select
 from websockets.exceptions import ConnectionClosed
 
-from ccm.server.hub import CONSTELLATION_GONE_ERROR, DEVICE_GONE_ERROR
+from ccm.server.orchestrator import CONSTELLATION_GONE_ERROR, DEVICE_GONE_ERROR
 from ccm.server.runners import NO_RUNNER_ERROR
 from ccm.store.models import clients
 from ccm.store.repository import (

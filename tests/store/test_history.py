@@ -59,8 +59,8 @@ def registry(store: Store, clock: FakeClock) -> ClientConnectionManager:
 
 
 @pytest.fixture
-def manager(registry: ClientConnectionManager, clock: FakeClock) -> SessionManager:
-    return SessionManager(registry, clock=clock)
+def manager(registry: ClientConnectionManager, store: Store, clock: FakeClock) -> SessionManager:
+    return SessionManager(registry, store=store, clock=clock)
 
 
 def _flush(store: Store) -> None:

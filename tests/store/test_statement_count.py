@@ -68,7 +68,7 @@ def relay(engine: Engine) -> tuple[Store, ClientConnectionManager, SessionManage
             f"dev-{i}", "linux", object(), ClientType.DEVICE, {"ccm_execution": "relay"}
         )
     store.writer.flush().result(30)
-    return store, registry, SessionManager(registry)
+    return store, registry, SessionManager(registry, store=store)
 
 
 def _writes(counter: SqlCounter) -> list[tuple[str, int]]:

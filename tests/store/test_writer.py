@@ -18,7 +18,7 @@ from ccm.sessions import SessionManager
 from ccm.store import Store, StoreWriter
 from ccm.store.engine import make_engine
 from ccm.store.models import clients, connections, sessions
-from ccm.store.writer import Write
+from ccm.store.writes import CustomWrite
 
 FLUSH_TIMEOUT = 60  # generous upper bound only, so a hung writer fails instead of hanging
 
@@ -143,7 +143,7 @@ class TestFlush:
         store = make_store(batch_size=100)
         registry = ClientConnectionManager(store=store)
         gate = threading.Event()
-        store.writer.submit(Write("gate", lambda _conn: gate.wait(FLUSH_TIMEOUT)))
+        store.writer.submit(CustomWrite("gate", lambda _conn: gate.wait(FLUSH_TIMEOUT)))
         ids = _register(registry, 300)
         store.writer.start()
 
@@ -163,7 +163,7 @@ class TestFlush:
     def test_durable_waits_for_the_commit(self, database_url: str, make_store) -> None:
         """`await writer.durable()` returns once the session queued before it is committed."""
         store = make_store()
-        manager = SessionManager(ClientConnectionManager(store=store))
+        manager = SessionManager(ClientConnectionManager(store=store), store=store)
         store.writer.start()
 
         async def create_and_wait() -> str:
@@ -218,7 +218,7 @@ class TestBacklog:
         store = make_store(max_queue=5)
         registry = ClientConnectionManager(store=store)
         _register(registry, 5)
-        manager = SessionManager(registry)
+        manager = SessionManager(registry, store=store)
 
         with pytest.raises(StoreBacklogFull):
             manager.create("s-1", "device-00000", origin=Origin.DEVICE, mode=Mode.RELAY)

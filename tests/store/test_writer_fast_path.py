@@ -18,7 +18,8 @@ from ccm.store import Store, StoreWriter
 from ccm.store.models import clients, connections, server_runs, sessions
 from ccm.store.repository import read_connection_history, read_online_clients, read_sessions
 from ccm.store.statements import prepare, prepared_for, statements_for
-from ccm.store.writer import Write, _reorder
+from ccm.store.writer import _reorder
+from ccm.store.writes import CustomWrite, Write
 
 FLUSH_TIMEOUT = 60
 T0 = datetime(2026, 3, 1, 9, 30, 0, 123456, tzinfo=UTC)
@@ -73,12 +74,12 @@ def _mark_error(session_id: str) -> Write:
     def apply(conn: Connection) -> None:
         conn.execute(update(sessions).where(sessions.c.id == session_id).values(error="marked"))
 
-    return Write("custom", apply)
+    return CustomWrite("custom", apply)
 
 
 def _random_writes(seed: int, n: int) -> list[Write]:
-    """A mixed batch over few keys, so rows see many writes: reconnects and takeovers, sessions
-    created, started and ended (also in the wrong order, and twice), custom writes."""
+    """A mixed batch over few keys, so rows see many writes: reconnects and takeovers, clients
+    heard from, sessions created and ended (also in the wrong order, and twice), custom writes."""
     rnd = random.Random(seed)
     capture = Capture()
     store = Store(None, capture, run_id="run-1")  # type: ignore[arg-type]
@@ -126,8 +127,9 @@ def _random_writes(seed: int, n: int) -> list[Write]:
                 state=rnd.choice([SessionState.PENDING, SessionState.RUNNING]),
                 at=at,
             )
-        elif roll < 0.7:
-            store.record_session_started(id=sid, at=at)
+        elif roll < 0.7 and connection_ids:
+            connection_id, owner = rnd.choice(connection_ids)
+            store.record_last_seen(client_id=owner, connection_id=connection_id, at=at)
         elif roll < 0.92:
             store.record_session_ended(
                 id=sid,
@@ -261,7 +263,11 @@ def _samples() -> dict[str, dict[str, Any]]:
             "p_started_at": None,
             "p_server_run_id": "run",
         },
-        "session_started": {"p_id": "s-1", "p_at": at.astimezone(UTC)},
+        "last_seen": {
+            "p_client_id": "c-1",
+            "p_connection_id": "k-1",
+            "p_at": at.astimezone(UTC) + timedelta(seconds=1),
+        },
         "session_ended": {
             "p_id": "s-1",
             "p_state": "completed",
@@ -335,8 +341,8 @@ class TestPreparedStatements:
         kinds = [
             "connect",
             "system_info",
+            "last_seen",
             "session_created",
-            "session_started",
             "session_ended",
             "disconnect",
             "connect",

@@ -1,0 +1,390 @@
+"""Session orchestration: start a session (the one way, for WebSocket and HTTP alike), hand it to
+its device (relay) or to a runner (agent), end it once, and tell both sides.
+
+The durability promise lives here: a session is committed before its requester gets the ACK,
+and its final state before anyone gets a `completed` TASK_END. Those waits run off the receive
+loops, in tasks this object holds (and drains on shutdown), so one commit covers the sessions
+of every connection that arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ccm.clock import utcnow
+from ccm.config import Settings
+from ccm.domain import ClientType, Mode, Origin, SessionReason, SessionState
+from ccm.errors import SessionError, StoreUnavailable
+from ccm.ids import new_id
+from ccm.logs import bind
+from ccm.metrics import Metrics
+from ccm.protocol import (
+    RELAY_METADATA_KEY,
+    ServerMessageType,
+    TaskStatus,
+    error_frame,
+    ok_frame,
+    sanitize_task_name,
+    server_frame,
+    task_end_frame,
+)
+from ccm.registry import ClientConnectionManager
+from ccm.server.channel import SessionChannel
+from ccm.server.peer import Peer
+from ccm.server.router import Router
+from ccm.server.runners import NO_RUNNER_ERROR, SessionRunner
+from ccm.sessions import EndedSession, LiveSession, SessionManager
+from ccm.store import Store
+
+logger = logging.getLogger(__name__)
+
+DEVICE_GONE_ERROR = "Task was cancelled because target device disconnected"
+CONSTELLATION_GONE_ERROR = "Task was cancelled because the requesting constellation disconnected"
+SHUTDOWN_ERROR = "the server is shutting down"
+UNCONFIRMED_ERROR = "the database did not confirm the session in time; try again"
+
+
+def execution_mode(registry: ClientConnectionManager, device_id: str) -> Mode:
+    """Relay if the device declared it at registration (metadata `ccm_execution: relay`) or
+    the operator's device config says `execution: relay`; agent-driven otherwise."""
+    info = registry.get_client_info(device_id)
+    if info is None or info.client_type is not ClientType.DEVICE:
+        return Mode.AGENT
+    if info.metadata.get(RELAY_METADATA_KEY) == "relay":
+        return Mode.RELAY
+    config = registry.device_configs.get(device_id) or {}
+    return Mode.RELAY if config.get("execution") == "relay" else Mode.AGENT
+
+
+def refuse_task(peer: Peer, session_id: str | None, message: str) -> None:
+    """ERROR plus (decision D4) a TASK_END `failed`, so the requester need not time out."""
+    peer.send(error_frame(message))
+    if session_id:
+        peer.send(task_end_frame(session_id, completed=False, error=message))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """What a session is asked to do, from whichever edge it came."""
+
+    device_id: str
+    origin: Origin
+    request: str | None
+    task_name: str | None = None
+    session_id: str | None = None
+    """The requester's id for the session; None: ccm makes one."""
+    requester: Peer | None = None
+    """The connection told about the session (ACK, TASK_END); None for HTTP dispatch."""
+    force_agent: bool = False
+    """Run it through the runners even on a relay device (a device's own task)."""
+
+
+class SessionOrchestrator:
+    """Starts, runs and ends sessions; owns the tasks that wait for their commits."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        registry: ClientConnectionManager,
+        sessions: SessionManager,
+        store: Store | None,
+        runners: list[SessionRunner],
+        router: Router,
+        metrics: Metrics,
+    ) -> None:
+        self._registry = registry
+        self._sessions = sessions
+        self._store = store
+        self._runners = runners
+        self._router = router
+        self._metrics = metrics
+        self._command_timeout = settings.server.command_timeout.total_seconds()
+        self.ack_timeout = max(1.0, settings.server.send_timeout.total_seconds())
+        self._held: set[asyncio.Task[None]] = set()
+        """Work waiting for a commit off the receive loops: session launches (ACK, then the
+        TASK to the device), TASK_END announcements, and `completed` TASK_ENDs held while the
+        database is away (see _announce)."""
+
+    # -- starting -------------------------------------------------------------------------------
+
+    async def start(self, task: TaskRequest, *, wait: bool) -> LiveSession:
+        """Create the session (queued for the database when this returns), then launch it once
+        it is committed: ACK to the requester, the task to the device or a runner.
+
+        With `wait`, return after the launch (HTTP dispatch answers with the running session);
+        without, the launch runs in a held task so the caller's receive loop goes on. Raises
+        SessionError or StoreUnavailable, after telling the requester, if it cannot start."""
+        mode = Mode.AGENT if task.force_agent else execution_mode(self._registry, task.device_id)
+        requester = task.requester
+        try:
+            session = self._sessions.create(
+                task.session_id,
+                task.device_id,
+                origin=task.origin,
+                mode=mode,
+                constellation_id=requester.client_id
+                if requester is not None and requester.is_constellation
+                else None,
+                task_name=sanitize_task_name(task.task_name),
+                request=task.request,
+            )
+        except (SessionError, StoreUnavailable) as exc:
+            if requester is not None:
+                refuse_task(requester, task.session_id, str(exc))
+            raise
+        self._metrics.count(self._metrics.sessions_started, session.mode.value, task.origin.value)
+        launch = self._launch(session, requester)
+        if not wait:
+            await self._without_blocking(launch)
+        elif not await launch:
+            raise StoreUnavailable(UNCONFIRMED_ERROR)
+        return session
+
+    async def _launch(self, session: LiveSession, requester: Peer | None) -> bool:
+        """Once the session is committed: ACK the requester, then hand the task to the device
+        (relay) or to a runner. False if the database did not confirm (the session failed)."""
+        if not await self._durable():
+            await self.finish(
+                session,
+                SessionState.FAILED,
+                reason=SessionReason.STORE_UNAVAILABLE,
+                error=UNCONFIRMED_ERROR,
+                wait=False,
+            )
+            return False
+        if self._sessions.get(session.session_id) is not session:
+            return True  # ended meanwhile (its requester or device left): nothing to hand out
+        session.run.launched = True
+        if requester is not None:
+            requester.send(ok_frame(session.session_id))
+        if session.mode is Mode.RELAY:
+            handed = self._router.send(
+                session.device_id,
+                server_frame(
+                    ServerMessageType.TASK,
+                    TaskStatus.CONTINUE,
+                    user_request=session.request,
+                    task_name=session.task_name,
+                    session_id=session.session_id,
+                ),
+            )
+            if not handed:
+                await self.finish(
+                    session,
+                    SessionState.FAILED,
+                    reason=SessionReason.DEVICE_DISCONNECTED,
+                    error=DEVICE_GONE_ERROR,
+                )
+            return True
+        runner = next((r for r in self._runners if r.accepts(session.request)), None)
+        if runner is None:
+            await self.finish(
+                session, SessionState.FAILED, reason=SessionReason.NO_RUNNER, error=NO_RUNNER_ERROR
+            )
+            return True
+        session.run.task = asyncio.create_task(
+            self._run(session, runner), name=f"ccm-session-{session.id}"
+        )
+        return True
+
+    async def _run(self, session: LiveSession, runner: SessionRunner) -> None:
+        bind(session_id=session.session_id, device_id=session.device_id)
+        info = self._registry.get_client_info(session.device_id)
+        platform = (info.platform if info is not None else "windows").lower()
+        channel = SessionChannel(session, platform, self._router, self._command_timeout)
+        try:
+            outcome = await runner.run(session, channel)
+        except Exception as exc:  # a plug-in runner's bug fails its session only
+            logger.exception("session runner crashed session_id=%s", session.session_id)
+            await self.finish(
+                session,
+                SessionState.FAILED,
+                reason=SessionReason.RUNNER_ERROR,
+                error=str(exc) or repr(exc),
+            )
+            return
+        await self.finish(
+            session,
+            SessionState.COMPLETED if outcome.completed else SessionState.FAILED,
+            reason=None if outcome.completed else SessionReason.TASK_FAILED,
+            result=outcome.result,
+            error=outcome.error,
+        )
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    async def end_reported(
+        self, session: LiveSession, *, completed: bool, result: Any, error: str | None
+    ) -> None:
+        """A relay device reported its session's outcome (a client TASK_END)."""
+        ended = self._end(
+            session,
+            SessionState.COMPLETED if completed else SessionState.FAILED,
+            reason=None if completed else SessionReason.TASK_FAILED,
+            result=result,
+            error=error,
+        )
+        if ended is not None:
+            await self._without_blocking(self._announce(session, ended, wait=True))
+
+    async def finish(
+        self,
+        session: LiveSession,
+        state: SessionState,
+        *,
+        reason: SessionReason | None = None,
+        result: Any = None,
+        error: str | None = None,
+        wait: bool = True,
+    ) -> EndedSession | None:
+        """End a session once, persist it, then tell its owner and device with one TASK_END.
+
+        The TASK_END goes out once the final state is committed. If the database does not
+        confirm in time (or is known to be away, or `wait` is False), a failure is sent at
+        once, but a `completed` is held until the state is committed."""
+        ended = self._end(session, state, reason=reason, result=result, error=error)
+        if ended is not None:
+            await self._announce(session, ended, wait=wait)
+        return ended
+
+    def _end(
+        self,
+        session: LiveSession,
+        state: SessionState,
+        *,
+        reason: SessionReason | None,
+        result: Any,
+        error: str | None,
+    ) -> EndedSession | None:
+        """The synchronous half of finish: the session is over (and its final state queued for
+        the database) when this returns. None if it had already ended."""
+        ended = self._sessions.finish(
+            session.session_id, state, reason=reason, result=result, error=error, run_id=session.id
+        )
+        if ended is None:
+            return None
+        self._metrics.count(self._metrics.sessions_ended, state.value)
+        if session.started_at is not None:
+            duration = (ended.ended_at - session.started_at).total_seconds()
+            self._metrics.session_duration.labels(session.mode.value).observe(duration)
+        run = session.run
+        if run.task is not None and run.task is not asyncio.current_task():
+            run.task.cancel()
+        for answer in run.commands.values():
+            if not answer.done():
+                answer.cancel()
+        return ended
+
+    async def _announce(self, session: LiveSession, ended: EndedSession, *, wait: bool) -> None:
+        """TASK_END to the owner, and to the device if it was handed the session, once the final
+        state is durable (a `completed` is never announced before that)."""
+        completed = ended.state is SessionState.COMPLETED
+        durable = await self._durable() if wait else False
+        frame = task_end_frame(
+            session.session_id,
+            completed=completed,
+            result=ended.result,
+            error=ended.error,
+            response_id=new_id(),
+        )
+        recipients = [session.owner_id]
+        if session.device_id != session.owner_id and session.run.launched:
+            recipients.append(session.device_id)
+        if durable or not completed:
+            self._router.send_all(recipients, frame)
+        else:
+            # The database is away. A client told `completed` relies on the result, so that
+            # TASK_END waits until the state is committed (a crash before then must not leave
+            # SQL saying otherwise); the connection meanwhile goes on serving other frames.
+            self._hold(self._send_when_durable(recipients, frame))
+        if session.mode is Mode.RELAY and session.started_at is not None:
+            self._metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
+
+    async def _send_when_durable(self, client_ids: list[str], frame: str) -> None:
+        if self._store is not None:
+            await self._store.writer.durable()  # resolves once the database is back and took it
+        self._router.send_all(client_ids, frame)
+
+    async def end_sessions_of(self, client_id: str, client_type: ClientType) -> None:
+        """A client left: a constellation's sessions are cancelled, a device's fail; each is
+        ended once and the other side is told."""
+        if client_type is ClientType.CONSTELLATION:
+            ids = self._registry.get_constellation_sessions(client_id)
+            state, reason, error = (
+                SessionState.CANCELLED,
+                SessionReason.CONSTELLATION_DISCONNECTED,
+                CONSTELLATION_GONE_ERROR,
+            )
+        else:
+            ids = self._registry.get_device_sessions(client_id)
+            state, reason, error = (
+                SessionState.FAILED,
+                SessionReason.DEVICE_DISCONNECTED,
+                DEVICE_GONE_ERROR,
+            )
+        for session_id in ids:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                await self.finish(session, state, reason=reason, error=error)
+        if client_type is ClientType.CONSTELLATION:
+            self._registry.remove_constellation_sessions(client_id)
+        else:
+            self._registry.remove_device_sessions(client_id)
+
+    async def interrupt_all(self) -> None:
+        """Server stopping: every live session ends `interrupted` (owners told), and the held
+        acknowledgements and TASK_ENDs get up to the ACK timeout to go out."""
+        for session in self._sessions.live_sessions():
+            await self.finish(
+                session,
+                SessionState.INTERRUPTED,
+                reason=SessionReason.SERVER_SHUTDOWN,
+                error=SHUTDOWN_ERROR,
+            )
+        if self._held:
+            await asyncio.wait(list(self._held), timeout=self.ack_timeout)
+
+    async def cancel_held(self) -> None:
+        """Cancel what still waits for a commit (its clients are gone; the states stay queued)."""
+        for held in list(self._held):
+            held.cancel()
+        await asyncio.gather(*self._held, return_exceptions=True)
+
+    # -- commits --------------------------------------------------------------------------------
+
+    async def _without_blocking(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` so that the calling receive loop need not wait for it. With a store, the
+        waits inside are for group commits: a receive loop that awaited each one would put every
+        session of its connection into a commit of its own, one after the other. Without a store
+        nothing inside waits, so it runs here (no task to pay for)."""
+        if self._store is None:
+            await work
+            return
+        self._hold(work)
+
+    def _hold(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in a task kept in `_held` until it ends (shutdown waits for these)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def _durable(self) -> bool:
+        """Wait (bounded) until queued writes are committed. False if the store did not confirm,
+        at once while the database is known to be away (no connection stalls on it)."""
+        store = self._store
+        if store is None:
+            return True
+        if store.writer.degraded:
+            return False
+        try:
+            async with asyncio.timeout(self.ack_timeout):  # no extra task, unlike wait_for
+                await store.writer.durable()
+        except TimeoutError:
+            logger.error("store did not confirm writes within %.1f s", self.ack_timeout)
+            return False
+        return True
