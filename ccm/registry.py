@@ -2,30 +2,30 @@
 
 Every read is a dict lookup under one `threading.Lock`; nothing here waits on the database. With a
 Store, registrations and disconnects are also queued for SQL (see `ccm.store.writer`). Method names
-and semantics follow the seed's ClientConnectionManager; what the seed left as future work is here:
-`remove_session` (completion and cancellation drop a session from both maps), duplicate-id policies
-with a per-connection epoch, and indexes for platform, capability and tag lookups.
+and semantics are those of UFO's ClientConnectionManager (ufo/server/services/ in microsoft/UFO),
+plus `remove_session` (completion and cancellation drop a session from both maps), duplicate-id
+policies with a per-connection epoch, and indexes for platform, capability and tag lookups.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import threading
-from collections import Counter
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ccm.client_info import ClientInfo, next_epoch
 from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
+from ccm.device_index import DeviceIndex
 from ccm.devices import DeviceConfigs, merge_device_info
 from ccm.domain import ClientType, DisconnectReason
 from ccm.errors import DuplicateClientError
 from ccm.ids import new_id
+from ccm.session_map import SessionMap
 
 if TYPE_CHECKING:
     from ccm.store import Store
@@ -33,48 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["ClientConnectionManager", "ClientInfo", "ClientType"]
 
 logger = logging.getLogger(__name__)
-
-_epochs = itertools.count(1)
-
-
-@dataclass(eq=False)
-class ClientInfo:
-    """One live client connection, as the seed's ClientInfo plus the ids ccm needs.
-
-    `epoch` grows with every registration, so a late disconnect of a replaced socket can be told
-    apart from the current one; `connection_id` is the key of this connection's SQL row.
-    """
-
-    websocket: Any
-    client_type: ClientType
-    connected_at: datetime
-    metadata: dict[str, Any] = field(default_factory=dict)
-    platform: str = "windows"
-    system_info: dict[str, Any] | None = None
-    transport: Any = None
-    task_protocol: Any = None
-    client_id: str = ""
-    connection_id: str = ""
-    epoch: int = 0
-    remote_address: str | None = None
-    reported_system_info: dict[str, Any] | None = None
-    last_heartbeat_at: datetime | None = None
-    replaced: ClientInfo | None = None
-    """Set on the new entry when the takeover policy evicted a live connection (to be closed)."""
-
-
-def _features(info: ClientInfo) -> list[str]:
-    if not info.system_info:
-        return []
-    features = info.system_info.get("supported_features") or []
-    return [f for f in features if isinstance(f, str)] if isinstance(features, list) else []
-
-
-def _tags(info: ClientInfo) -> list[str]:
-    if not info.system_info:
-        return []
-    tags = info.system_info.get("tags") or []
-    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 class ClientConnectionManager:
@@ -97,15 +55,8 @@ class ClientConnectionManager:
         self._clock = clock
         self.lock = threading.Lock()
         self.online_clients: dict[str, ClientInfo] = {}
-        # Ordered sets (dict keys) so add/remove of one session is O(1) and order is kept.
-        self._constellation_sessions: dict[str, dict[str, None]] = {}
-        self._device_sessions: dict[str, dict[str, None]] = {}
-        self._session_parties: dict[str, list[tuple[str, str]]] = {}
-        # Indexes: insertion-ordered so "first registered" is the first key.
-        self._by_type: dict[ClientType, dict[str, None]] = {t: {} for t in ClientType}
-        self._devices_by_platform: dict[str, dict[str, None]] = {}
-        self._devices_by_feature: dict[str, dict[str, None]] = {}
-        self._devices_by_tag: dict[str, dict[str, None]] = {}
+        self._sessions = SessionMap()
+        self._index = DeviceIndex()
         self._heard: dict[str, None] = {}
         """Clients heard from (touch) since the last `take_heard_from`."""
 
@@ -159,16 +110,16 @@ class ClientConnectionManager:
             last_heartbeat_at=now,
         )
         with self.lock:
-            info.epoch = next(_epochs)  # under the lock: epochs follow registration order
+            info.epoch = next_epoch()  # under the lock: epochs follow registration order
             old = self.online_clients.get(client_id)
             if old is not None:
                 if self.duplicate_policy is DuplicatePolicy.REJECT:
                     raise DuplicateClientError(client_id)
-                self._unindex(old)
+                self._index.remove(old.client_id, old.client_type, old.platform, old.system_info)
                 del self.online_clients[client_id]
                 info.replaced = old
             self.online_clients[client_id] = info
-            self._index(info)
+            self._index.add(info.client_id, info.client_type, info.platform, info.system_info)
         if self._store is not None:
             if old is not None:
                 self._store.record_disconnect(
@@ -182,8 +133,8 @@ class ClientConnectionManager:
                 client_id=client_id,
                 client_type=client_type,
                 platform=platform,
-                metadata=_json_safe(metadata),
-                system_info=_json_safe(system_info),
+                metadata=metadata,
+                system_info=system_info,
                 remote_address=remote_address,
                 at=now,
             )
@@ -211,7 +162,7 @@ class ClientConnectionManager:
             if info is None or (epoch is not None and info.epoch != epoch):
                 return None
             del self.online_clients[client_id]
-            self._unindex(info)
+            self._index.remove(info.client_id, info.client_type, info.platform, info.system_info)
         if self._store is not None:
             self._store.record_disconnect(
                 connection_id=info.connection_id,
@@ -242,7 +193,7 @@ class ClientConnectionManager:
         with self.lock:
             if client_type is None:
                 return list(self.online_clients)
-            return list(self._by_type[ClientType(client_type)])
+            return list(self._index.by_type[ClientType(client_type)])
 
     def list_clients_by_type(self, client_type: ClientType) -> list[str]:
         return self.list_clients(client_type)
@@ -283,75 +234,44 @@ class ClientConnectionManager:
 
     def add_constellation_session(self, client_id: str, session_id: str) -> None:
         with self.lock:
-            self._constellation_sessions.setdefault(client_id, {})[session_id] = None
-            parties = self._session_parties.setdefault(session_id, [])
-            if ("c", client_id) not in parties:  # the mapping is a set; keep parties in step
-                parties.append(("c", client_id))
+            self._sessions.add(ClientType.CONSTELLATION, client_id, session_id)
 
     def get_constellation_sessions(self, client_id: str) -> list[str]:
         with self.lock:
-            return list(self._constellation_sessions.get(client_id, ()))
+            return self._sessions.of(ClientType.CONSTELLATION, client_id)
 
     def count_constellation_sessions(self, client_id: str) -> int:
         with self.lock:
-            return len(self._constellation_sessions.get(client_id, ()))
+            return self._sessions.count(ClientType.CONSTELLATION, client_id)
 
     def remove_constellation_sessions(self, client_id: str) -> list[str]:
         with self.lock:
-            removed = list(self._constellation_sessions.pop(client_id, ()))
-            for session_id in removed:
-                self._forget_party(session_id, ("c", client_id))
-            return removed
+            return self._sessions.remove_client(ClientType.CONSTELLATION, client_id)
 
     def add_device_session(self, device_id: str, session_id: str) -> None:
         with self.lock:
-            self._device_sessions.setdefault(device_id, {})[session_id] = None
-            parties = self._session_parties.setdefault(session_id, [])
-            if ("d", device_id) not in parties:  # the mapping is a set; keep parties in step
-                parties.append(("d", device_id))
+            self._sessions.add(ClientType.DEVICE, device_id, session_id)
 
     def get_device_sessions(self, device_id: str) -> list[str]:
         with self.lock:
-            return list(self._device_sessions.get(device_id, ()))
+            return self._sessions.of(ClientType.DEVICE, device_id)
 
     def count_device_sessions(self, device_id: str) -> int:
         with self.lock:
-            return len(self._device_sessions.get(device_id, ()))
+            return self._sessions.count(ClientType.DEVICE, device_id)
 
     def remove_device_sessions(self, device_id: str) -> list[str]:
         with self.lock:
-            removed = list(self._device_sessions.pop(device_id, ()))
-            for session_id in removed:
-                self._forget_party(session_id, ("d", device_id))
-            return removed
+            return self._sessions.remove_client(ClientType.DEVICE, device_id)
 
     def remove_session(self, session_id: str) -> bool:
         """Drop one session from both maps (on completion or cancellation). Idempotent."""
         with self.lock:
-            parties = self._session_parties.pop(session_id, None)
-            if not parties:
-                return False
-            for kind, client_id in parties:
-                mapping = self._constellation_sessions if kind == "c" else self._device_sessions
-                sessions = mapping.get(client_id)
-                if sessions is not None:
-                    sessions.pop(session_id, None)
-                    if not sessions:
-                        del mapping[client_id]
-            return True
+            return self._sessions.remove_session(session_id)
 
     def session_count(self) -> int:
         with self.lock:
-            return len(self._session_parties)
-
-    def _forget_party(self, session_id: str, party: tuple[str, str]) -> None:
-        parties = self._session_parties.get(session_id)
-        if parties is None:
-            return
-        if party in parties:
-            parties.remove(party)
-        if not parties:
-            del self._session_parties[session_id]
+            return len(self._sessions)
 
     # -- device information -----------------------------------------------------------------
 
@@ -367,7 +287,7 @@ class ClientConnectionManager:
         with self.lock:
             return {
                 device_id: copy.deepcopy(info.system_info)
-                for device_id in self._by_type[ClientType.DEVICE]
+                for device_id in self._index.by_type[ClientType.DEVICE]
                 if (info := self.online_clients[device_id]).system_info
             }
 
@@ -380,20 +300,17 @@ class ClientConnectionManager:
         self._device_configs.reload()
         changed: list[ClientInfo] = []
         with self.lock:
-            for device_id in self._by_type[ClientType.DEVICE]:
+            for device_id in list(self._index.by_type[ClientType.DEVICE]):
                 info = self.online_clients[device_id]
                 merged = self._system_info_for(device_id, info.reported_system_info)
                 if merged != info.system_info:
-                    # Only the system-info indexes change; re-indexing the type pool would move
-                    # the id to the end (breaking registration order) while we iterate over it.
-                    self._unindex_system_info(info)
+                    self._index.replace_system_info(device_id, info.system_info, merged)
                     info.system_info = merged
-                    self._index_system_info(info)
                     changed.append(info)
         if self._store is not None:
             for info in changed:
                 self._store.record_system_info(
-                    client_id=info.client_id, system_info=_json_safe(info.system_info)
+                    client_id=info.client_id, system_info=info.system_info
                 )
         return len(changed)
 
@@ -411,15 +328,13 @@ class ClientConnectionManager:
     # -- statistics and queries -------------------------------------------------------------
 
     def get_stats(self) -> dict[str, Any]:
-        """The seed's counts (`total`, `device_clients`, `constellation_clients`), plus per-type
-        id lists and platform counts (the shape the seed's API router reads), plus sessions."""
+        """UFO's counts (`total`, `device_clients`, `constellation_clients`), plus per-type id
+        lists and platform counts (the shape UFO's API router reads), plus sessions."""
         with self.lock:
-            devices = list(self._by_type[ClientType.DEVICE])
-            constellations = list(self._by_type[ClientType.CONSTELLATION])
-            platforms = {
-                platform: len(ids) for platform, ids in self._devices_by_platform.items() if ids
-            }
-            active_sessions = len(self._session_parties)
+            devices = list(self._index.by_type[ClientType.DEVICE])
+            constellations = list(self._index.by_type[ClientType.CONSTELLATION])
+            platforms = self._index.platform_counts()
+            active_sessions = len(self._sessions)
         return {
             "total": len(devices) + len(constellations),
             "device_clients": len(devices),
@@ -432,7 +347,7 @@ class ClientConnectionManager:
     def get_devices_by_platform(self, platform: str) -> list[str]:
         """Device ids whose platform matches, ignoring case."""
         with self.lock:
-            return list(self._devices_by_platform.get(platform.lower(), ()))
+            return list(self._index.by_platform.get(platform.lower(), ()))
 
     def get_recently_connected(self, minutes: float = 5) -> list[str]:
         """Ids of clients that registered in the last `minutes`, oldest first."""
@@ -449,11 +364,11 @@ class ClientConnectionManager:
 
     def find_devices_with_capability(self, capability: str) -> list[str]:
         with self.lock:
-            return list(self._devices_by_feature.get(capability, ()))
+            return list(self._index.by_feature.get(capability, ()))
 
     def find_devices_with_tag(self, tag: str) -> list[str]:
         with self.lock:
-            return list(self._devices_by_tag.get(tag, ()))
+            return list(self._index.by_tag.get(tag, ()))
 
     def select_optimal_device(
         self,
@@ -464,106 +379,13 @@ class ClientConnectionManager:
         """The live device that has the platform and every capability and shares the most
         preferred tags; ties go to the earliest registered. None if no device qualifies.
 
-        Unlike the seed's sketch, a device without system info has no capabilities, so it never
-        satisfies a capability requirement.
+        A device without system info has no capabilities, so it never satisfies a capability
+        requirement (UFO's sketch of this method let such devices through).
         """
-        capabilities = list(dict.fromkeys(required_capabilities or ()))
-        tags = list(dict.fromkeys(preferred_tags or ()))
         with self.lock:
-            devices = self._by_type[ClientType.DEVICE]
-            # Candidates are intersections of index key views, computed in C (each `&` walks
-            # the smaller side): about 10x cheaper than testing every device in Python.
-            pools: list[dict[str, None]] = []
-            if required_platform:
-                pools.append(self._devices_by_platform.get(required_platform.lower(), {}))
-            for capability in capabilities:
-                pools.append(self._devices_by_feature.get(capability, {}))
-            tag_pools = [pool for tag in tags if (pool := self._devices_by_tag.get(tag))]
-            # A pool holding every device filters nothing (a feature all devices report).
-            pools = [pool for pool in pools if len(pool) < len(devices)]
-            if tag_pools:
-                # Common case first: some device qualifies and has every preferred tag (the top
-                # score). Intersect from the smallest of all pools, tags included.
-                ordered = sorted(pools + tag_pools, key=len)
-                best: Collection[str] = ordered[0].keys()
-                for pool in ordered[1:]:
-                    best = pool.keys() & best
-                    if not best:
-                        break
-                if best:
-                    return self._earliest(best)
-            pools.sort(key=len)
-            candidates: Collection[str] = pools[0].keys() if pools else devices.keys()
-            for pool in pools[1:]:
-                candidates = pool.keys() & candidates
-                if not candidates:
-                    return None
-            if not candidates:
-                return None
-            if tag_pools:
-                scores: Counter[str] = Counter()
-                for pool in tag_pools:
-                    scores.update(pool.keys() & candidates)
-                if scores:
-                    top = max(scores.values())
-                    candidates = {d for d, score in scores.items() if score == top}
-            return self._earliest(candidates)
-
-    def _earliest(self, candidates: Collection[str]) -> str:
-        """The candidate registered first (caller holds the lock). Few: by epoch; many: walk the
-        device pool, which is in registration order, until the first candidate."""
-        if len(candidates) <= 32:
-            return min(candidates, key=lambda d: self.online_clients[d].epoch)
-        for device_id in self._by_type[ClientType.DEVICE]:
-            if device_id in candidates:
-                return device_id
-        raise AssertionError("candidates must be live devices")  # pragma: no cover
-
-    # -- index maintenance (caller holds the lock) ------------------------------------------
-
-    def _index(self, info: ClientInfo) -> None:
-        self._by_type[info.client_type][info.client_id] = None
-        if info.client_type is not ClientType.DEVICE:
-            return
-        self._devices_by_platform.setdefault((info.platform or "").lower(), {})[info.client_id] = (
-            None
-        )
-        self._index_system_info(info)
-
-    def _index_system_info(self, info: ClientInfo) -> None:
-        for feature in _features(info):
-            self._devices_by_feature.setdefault(feature, {})[info.client_id] = None
-        for tag in _tags(info):
-            self._devices_by_tag.setdefault(tag, {})[info.client_id] = None
-
-    def _unindex(self, info: ClientInfo) -> None:
-        self._by_type[info.client_type].pop(info.client_id, None)
-        if info.client_type is not ClientType.DEVICE:
-            return
-        _discard(self._devices_by_platform, (info.platform or "").lower(), info.client_id)
-        self._unindex_system_info(info)
-
-    def _unindex_system_info(self, info: ClientInfo) -> None:
-        for feature in _features(info):
-            _discard(self._devices_by_feature, feature, info.client_id)
-        for tag in _tags(info):
-            _discard(self._devices_by_tag, tag, info.client_id)
-
-
-def _discard(index: dict[str, dict[str, None]], key: str, client_id: str) -> None:
-    ids = index.get(key)
-    if ids is not None:
-        ids.pop(client_id, None)
-        if not ids:
-            del index[key]
-
-
-def _json_safe(value: Any) -> Any:
-    """Metadata goes to a JSON column; anything not JSON-native is stored as its string form."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return str(value)
+            return self._index.select(
+                required_platform,
+                list(dict.fromkeys(required_capabilities or ())),
+                list(dict.fromkeys(preferred_tags or ())),
+                epoch_of=lambda device_id: self.online_clients[device_id].epoch,
+            )

@@ -384,8 +384,9 @@ class TestRemoveSession:
         manager.add_constellation_session("c1", "s1")
         manager.add_device_session("d1", "s1")
         manager.remove_session("s1")
-        assert "c1" not in manager._constellation_sessions
-        assert "d1" not in manager._device_sessions
+        by_side = manager._sessions._by_side  # no empty per-client entry accumulates
+        assert "c1" not in by_side[ClientType.CONSTELLATION]
+        assert "d1" not in by_side[ClientType.DEVICE]
 
     def test_active_sessions_counted_in_stats(self, manager: ClientConnectionManager):
         """get_stats counts a dual-mapped session once, and not after remove_session."""

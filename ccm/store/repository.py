@@ -43,6 +43,17 @@ from ccm.store.writes import (
 )
 
 
+def json_safe(value: Any) -> Any:
+    """Metadata goes to a JSON column; anything not JSON-native is stored as its string form."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return str(value)
+
+
 def _row_dict(row: Any) -> dict[str, Any]:
     """A row as JSON-ready data: times as ISO 8601 strings."""
     return {
@@ -185,8 +196,8 @@ class Store:
             p_client_id=client_id,
             p_client_type=str(client_type),
             p_platform=platform,
-            p_metadata=metadata,
-            p_system_info=system_info,
+            p_metadata=json_safe(metadata),
+            p_system_info=json_safe(system_info),
             p_remote_address=remote_address,
             p_server_run_id=self.run_id,
             p_at=at,
@@ -207,7 +218,7 @@ class Store:
 
     def record_system_info(self, *, client_id: str, system_info: Any) -> None:
         """A device's merged system info changed (device config reloaded)."""
-        params = SystemInfoParams(p_client_id=client_id, p_system_info=system_info)
+        params = SystemInfoParams(p_client_id=client_id, p_system_info=json_safe(system_info))
         self.writer.submit(Write(WriteKind.SYSTEM_INFO, params, key=client_id))
 
     def record_last_seen(self, *, client_id: str, connection_id: str, at: datetime) -> None:
