@@ -4,6 +4,7 @@ Importing ccm has no side effects: nothing reads the environment or opens a data
 """
 
 from ccm.registry import ClientConnectionManager, ClientInfo, ClientType
+from ccm.version import VERSION
 
 __all__ = ["ClientConnectionManager", "ClientInfo", "ClientType", "__version__"]
-__version__ = "0.1.0"
+__version__ = VERSION

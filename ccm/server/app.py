@@ -12,7 +12,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 
-from ccm import __version__
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
 from ccm.errors import CcmError
@@ -23,6 +22,7 @@ from ccm.server.dashboard import router as dashboard_router
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
 from ccm.server.ws import websocket_endpoint
+from ccm.version import VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def create_app(
 
     app = FastAPI(
         title="ccm",
-        version=__version__,
+        version=VERSION,
         description="Client Connection Manager: live registry and SQL history for AIP clients.",
         lifespan=lifespan,
     )

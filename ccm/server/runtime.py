@@ -18,7 +18,6 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
-from ccm import __version__
 from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
@@ -31,6 +30,7 @@ from ccm.server.runners import SessionRunner
 from ccm.sessions import SessionManager
 from ccm.store import Store, open_store
 from ccm.store.migrate import ensure_schema
+from ccm.version import VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ async def _open_store(settings: Settings, metrics: Metrics) -> Store:
             recovered.connections_closed,
             recovered.sessions_interrupted,
         )
-    await asyncio.to_thread(store.record_run_started, version=__version__)
+    await asyncio.to_thread(store.record_run_started, version=VERSION)
     store.writer.on_commit = metrics.observe_commit
     store.writer.start()
     return store

@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import BindTyping, Dialect
+from sqlalchemy.exc import StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ccm.domain import LIVE_STATES
@@ -300,3 +301,12 @@ def prepared_for(dialect: Dialect) -> dict[str, tuple[Prepared | None, ...]]:
     }
     _prepared[dialect] = built
     return built
+
+
+def bind_rows(prepared: Prepared, params: list[Mapping[str, Any]]) -> list[Any]:
+    """DBAPI parameters for each row; a value that cannot be bound raises a StatementError, as it
+    does when SQLAlchemy binds it."""
+    try:
+        return [prepared.bind(p) for p in params]
+    except Exception as exc:
+        raise StatementError(str(exc), prepared.sql, None, exc) from exc

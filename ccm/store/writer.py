@@ -15,66 +15,18 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, StatementError
 
 from ccm.errors import StoreBacklogFull, StoreUnavailable
-from ccm.store.statements import Prepared, prepared_for, statements_for
-from ccm.store.writes import MOVABLE, CustomWrite, QueuedWrite, Write
+from ccm.store.ordering import batch_order
+from ccm.store.statements import bind_rows, prepared_for, statements_for
+from ccm.store.writes import CustomWrite, QueuedWrite, Write, describe
 
 logger = logging.getLogger(__name__)
-
-# Within a batch, writes of the kinds in `MOVABLE` (ccm.store.writes) may be moved so that writes
-# of one kind run as one executemany (relay traffic interleaves session creates and ends, which
-# would otherwise be groups of one). A batch is applied as segments, each sorted stably by rank.
-# The order only changes where that cannot change the result: each movable write reads and
-# writes only the rows it names, so writes on different rows commute; and a segment ends before
-# any write whose rank is lower than that of an earlier write on one of its rows, so every row
-# sees its writes in their queued order. Any other kind, or a CustomWrite, is a barrier.
-_RANKS = 1 + max(movable.rank for movable in MOVABLE.values())
-
-
-def _reorder(writes: list[QueuedWrite]) -> list[QueuedWrite]:
-    """`writes` in the order the writer applies them: grouped by kind where that gives the same
-    final state as applying them one by one in queued order (see the comment above)."""
-    out: list[QueuedWrite] = []
-    by_rank: list[list[QueuedWrite]] = [[] for _ in range(_RANKS)]
-    """The current segment, stably partitioned by rank."""
-    last_rank: dict[tuple[str, object], int] = {}
-    """Highest rank among the segment's writes on each row."""
-
-    def close() -> None:
-        for bucket in by_rank:
-            out.extend(bucket)
-            bucket.clear()
-        last_rank.clear()
-
-    for write in writes:
-        movable = MOVABLE.get(write.kind) if isinstance(write, Write) else None
-        if movable is not None:
-            assert isinstance(write, Write)
-            try:
-                rows = movable.rows(write.params)
-            except KeyError:  # a write without its key parameters: keep it in place
-                rows = ()
-            if rows and all(type(key) is str for _, key in rows):
-                rank = movable.rank
-                for row in rows:
-                    if last_rank.get(row, rank) > rank:
-                        close()  # an earlier write on this row must stay before this one
-                        break
-                for row in rows:
-                    last_rank[row] = rank  # the highest: lower ranks closed the segment
-                by_rank[rank].append(write)
-                continue
-        close()  # a barrier: nothing moves across it
-        out.append(write)
-    close()
-    return out
 
 
 @dataclass(slots=True)
@@ -97,35 +49,6 @@ class WriterStats:
     last_error: str | None
     last_batch_size: int
     last_commit_seconds: float
-
-
-_DESCRIBED_PARAMS = (
-    "p_client_id",
-    "p_connection_id",
-    "p_id",
-    "p_session_id",
-    "p_state",
-    "p_reason",
-)
-
-
-def _describe(write: QueuedWrite) -> str:
-    """The ids of what a lost write carried, for its log line (never its payloads)."""
-    if not isinstance(write, Write):
-        return ""
-    params = write.params
-    return " ".join(
-        f"{name[2:]}={str(params[name])[:200]!r}" for name in _DESCRIBED_PARAMS if name in params
-    )
-
-
-def _bind(prepared: Prepared, params: list[Mapping[str, Any]]) -> list[Any]:
-    """DBAPI parameters for each row; a value that cannot be bound raises a StatementError, as it
-    does when SQLAlchemy binds it."""
-    try:
-        return [prepared.bind(p) for p in params]
-    except Exception as exc:
-        raise StatementError(str(exc), prepared.sql, None, exc) from exc
 
 
 def _resolve(futures: list[asyncio.Future[None]]) -> None:
@@ -401,7 +324,7 @@ class StoreWriter:
         with self._engine.begin() as conn:
             statements = statements_for(conn.dialect.name)
             prepared = prepared_for(conn.dialect)
-            writes = _reorder(writes)
+            writes = batch_order(writes)
             i = 0
             while i < len(writes):
                 write = writes[i]
@@ -428,7 +351,7 @@ class StoreWriter:
                     if fast is None:
                         conn.execute(statement, params if len(params) > 1 else params[0])
                     else:
-                        rows = _bind(fast, params)
+                        rows = bind_rows(fast, params)
                         conn.exec_driver_sql(fast.sql, rows if len(rows) > 1 else rows[0])
                 i = j
         self._committed += len(writes)
@@ -455,7 +378,7 @@ class StoreWriter:
         kind = write.kind if isinstance(write, Write) else write.name
         self._failed += 1
         self._failed_by_kind[kind] = self._failed_by_kind.get(kind, 0) + 1
-        what = _describe(write)
+        what = describe(write)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         self._last_failure = f"{kind} {what}: {reason}"
         logger.error(

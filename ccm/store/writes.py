@@ -173,3 +173,23 @@ MOVABLE: dict[str, Movable] = {
 """Kinds whose writes read and write only the rows they name (guarded updates and upserts on
 primary keys; the one foreign key, connections -> clients, is satisfied by the connect write's
 own client upsert, run before its connection insert), so writes on different rows commute."""
+
+
+_DESCRIBED_PARAMS = (
+    "p_client_id",
+    "p_connection_id",
+    "p_id",
+    "p_session_id",
+    "p_state",
+    "p_reason",
+)
+
+
+def describe(write: QueuedWrite) -> str:
+    """The ids of what a lost write carried, for its log line (never its payloads)."""
+    if not isinstance(write, Write):
+        return ""
+    params = write.params
+    return " ".join(
+        f"{name[2:]}={str(params[name])[:200]!r}" for name in _DESCRIBED_PARAMS if name in params
+    )

@@ -16,9 +16,9 @@ from sqlalchemy import Connection, Engine, bindparam, create_engine, event, sele
 from ccm.domain import SessionState
 from ccm.store import Store, StoreWriter
 from ccm.store.models import clients, connections, server_runs, sessions
+from ccm.store.ordering import batch_order as _reorder
 from ccm.store.repository import read_connection_history, read_online_clients, read_sessions
 from ccm.store.statements import prepare, prepared_for, statements_for
-from ccm.store.writer import _reorder
 from ccm.store.writes import CustomWrite, Write
 
 FLUSH_TIMEOUT = 60
