@@ -11,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine
@@ -26,6 +26,8 @@ from tests.reliability.support import (
     record,
     session_rows,
 )
+
+T = TypeVar("T")
 
 INTERVAL = 2.0
 LIMIT = 1.5 * INTERVAL
@@ -101,6 +103,24 @@ async def _until_task_end(ws: RawWs, timeout: float) -> dict[str, Any]:
             return frame
 
 
+async def _heartbeating(ws: RawWs, client_id: str, work: Awaitable[T]) -> T:
+    """Await `work` while `ws` heartbeats every 0.5 s, so it cannot expire meanwhile."""
+    waiting = asyncio.ensure_future(work)
+    while not waiting.done():
+        await ws.send_json(type="heartbeat", client_id=client_id)
+        await asyncio.wait([waiting], timeout=0.5)
+    return waiting.result()
+
+
+async def _until_type(ws: RawWs, kind: str, timeout: float) -> dict[str, Any]:
+    """The next frame of type `kind` (heartbeat acks skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = await ws.recv_json(max(0.01, deadline - time.monotonic()))
+        if frame["type"] == kind:
+            return frame
+
+
 async def _alive_until_task_end(ws: RawWs, client_id: str, timeout: float) -> dict[str, Any]:
     """Wait for a TASK_END on a live client that heartbeats meanwhile: one that stays silent as
     long as the frozen peer would expire too, and may go first (its last frame can be the
@@ -146,12 +166,22 @@ def test_frozen_device_and_frozen_constellation_expire(
             device_last = await asyncio.to_thread(device.freeze)
             told_con = await _alive_until_task_end(con, "hb-con-1@hb-dev-1", LIMIT + MARGIN + 5)
 
-            # 2. A live device here; a frozen constellation with a session on it.
+            # 2. A live device here; a frozen constellation with a session on it. The device
+            # heartbeats while the frozen client's process starts (slow on a loaded machine).
             dev2 = await pool.connect()
             await dev2.register("hb-dev-2", metadata={"ccm_execution": "relay"})
-            con2 = frozen(server.port, "constellation", "hb-con-2@hb-dev-2", "hb-dev-2")
-            assert con2.wait_for("registered")["status"] == "ok"
-            task = await dev2.recv_json()
+            con2 = await _heartbeating(
+                dev2,
+                "hb-dev-2",
+                asyncio.to_thread(
+                    frozen, server.port, "constellation", "hb-con-2@hb-dev-2", "hb-dev-2"
+                ),
+            )
+            registered = await _heartbeating(
+                dev2, "hb-dev-2", asyncio.to_thread(con2.wait_for, "registered")
+            )
+            assert registered["status"] == "ok"
+            task = await _heartbeating(dev2, "hb-dev-2", _until_type(dev2, "task", LIMIT * 4))
             assert task["type"] == "task"
             con_last = await asyncio.to_thread(con2.freeze)
 
