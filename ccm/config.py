@@ -123,6 +123,19 @@ class LoggingSettings(_Section):
     format: str = Field(default="text", pattern="^(text|json)$")
 
 
+class ClusterSettings(_Section):
+    """Nodes on one PostgreSQL database form a cluster with no other setting (see README,
+    "Running a cluster"); SQLite is always a single node."""
+
+    node_name: str | None = None
+    """The node's name in /api/nodes and the dashboard (default: hostname:port)."""
+    advertise_address: str | None = None
+    """host:port that clients use to reach this node (default: server.host:server.port)."""
+    lease: Duration = timedelta(seconds=10)
+    """A node that has not renewed its lease for this long is declared dead by the others;
+    it renews every third of it."""
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     device_config: Path | None = None
@@ -133,6 +146,7 @@ class Settings(_Section):
     server: ServerSettings = ServerSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @property
     def database_url(self) -> str:

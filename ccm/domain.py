@@ -64,6 +64,12 @@ class DisconnectReason(StrEnum):
     SERVER_SHUTDOWN = "server_shutdown"
     SERVER_RESTART = "server_restart"
     """Closed by restart recovery: the process that held it is gone."""
+    NODE_LOST = "node_lost"
+    """Closed by a surviving node: the node that held it stopped renewing its lease."""
+    NODE_FENCED = "node_fenced"
+    """Closed by its own node, which found its lease expired (it was paused or cut off)."""
+    STALE = "stale"
+    """A newcomer claimed the id and this connection did not answer a ping in time."""
 
 
 class SessionReason(StrEnum):
@@ -77,3 +83,5 @@ class SessionReason(StrEnum):
     SERVER_SHUTDOWN = "server_shutdown"
     SERVER_RESTART = "server_restart"
     STORE_UNAVAILABLE = "store_unavailable"
+    NODE_LOST = "node_lost"
+    """The node that ran it, or the node its requester was connected to, was lost."""

@@ -34,6 +34,11 @@ class StoreBacklogFull(StoreUnavailable):
     """The writer's queue is at its bound: new durable work (sessions) must be refused."""
 
 
+class NodeFenced(StoreUnavailable):
+    """This node's lease ran out (it was paused or cut off from the database): the cluster has
+    declared it dead, so nothing it writes may land until it rejoins as a new node."""
+
+
 class SchemaOutdated(CcmError):
     """The database schema is not at the migration head."""
 

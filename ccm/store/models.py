@@ -11,14 +11,17 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -62,7 +65,12 @@ class Base(DeclarativeBase):
 
 
 class ServerRunRecord(Base):
-    """One process lifetime of ccm; connections and sessions name the run that saw them."""
+    """One process lifetime of ccm: a node of the cluster (one node when on SQLite).
+
+    Connections and sessions name the run that holds them (`server_run_id`). On PostgreSQL the
+    run holds a lease (`lease_until`, renewed with the database's clock); a run whose lease has
+    expired is declared `dead` by a survivor, which closes what it held.
+    """
 
     __tablename__ = "server_runs"
 
@@ -71,6 +79,18 @@ class ServerRunRecord(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     hostname: Mapped[str | None] = mapped_column(String(255))
     version: Mapped[str | None] = mapped_column(String(32))
+    name: Mapped[str | None] = mapped_column(String(255))
+    """The operator's name for the node (`cluster.node_name`), or host:port."""
+    address: Mapped[str | None] = mapped_column(String(255))
+    """Where clients reach this node (host:port)."""
+    pid: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), server_default="left")
+    """`alive`, `left` (stopped cleanly) or `dead` (its lease expired; closed by a survivor)."""
+    renewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_reason: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_server_runs_state_lease_until", "state", "lease_until"),)
 
 
 class ClientRecord(Base):
@@ -108,6 +128,21 @@ class ConnectionRecord(Base):
     __table_args__ = (
         Index("ix_connections_client_id_connected_at", "client_id", "connected_at"),
         Index("ix_connections_disconnected_at", "disconnected_at"),
+        # At most one open connection per client id, across every node: two nodes racing on
+        # one id cannot both win (the database decides).
+        Index(
+            "ux_connections_open_client_id",
+            "client_id",
+            unique=True,
+            postgresql_where=text("disconnected_at IS NULL"),
+            sqlite_where=text("disconnected_at IS NULL"),
+        ),
+        Index(
+            "ix_connections_open_server_run_id",
+            "server_run_id",
+            postgresql_where=text("disconnected_at IS NULL"),
+            sqlite_where=text("disconnected_at IS NULL"),
+        ),
     )
 
 
@@ -147,7 +182,27 @@ class SessionRecord(Base):
         Index("ix_sessions_state_ended_at", "state", "ended_at"),
         Index("ix_sessions_task_name_created_at", "task_name", "created_at"),
         Index("ix_sessions_created_at", "created_at"),
+        Index("ix_sessions_server_run_id_state", "server_run_id", "state"),
     )
+
+
+class InboxRecord(Base):
+    """Messages between nodes, one inbox per target run: a row is written in the sender's
+    transaction (so it exists only if that commits), announced with NOTIFY, and deleted by the
+    target as it reads it."""
+
+    __tablename__ = "inbox"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    target_run_id: Mapped[str] = mapped_column(String(36))
+    source_run_id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[Any] = mapped_column(JSONValue, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_inbox_target_run_id_id", "target_run_id", "id"),)
 
 
 def _table(record: type[Base]) -> Table:
@@ -162,3 +217,4 @@ clients = _table(ClientRecord)
 connections = _table(ConnectionRecord)
 sessions = _table(SessionRecord)
 server_runs = _table(ServerRunRecord)
+inbox = _table(InboxRecord)

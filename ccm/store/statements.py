@@ -31,8 +31,9 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ccm.domain import LIVE_STATES
-from ccm.store.models import clients, connections, server_runs, sessions
+from ccm.store.models import clients, connections, inbox, server_runs, sessions
 from ccm.store.writes import (
+    BusMessageParams,
     ConnectParams,
     DisconnectParams,
     LastSeenParams,
@@ -168,6 +169,14 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
             ended_at=e["p_at"],
         )
     )
+    m = binds(BusMessageParams)
+    bus_message = inbox.insert().values(
+        target_run_id=m["p_target_run_id"],
+        source_run_id=m["p_source_run_id"],
+        kind=m["p_kind"],
+        payload=m["p_payload"],
+        created_at=m["p_at"],
+    )
     r = binds(RunStoppedParams)
     run_stop = (
         update(server_runs)
@@ -182,6 +191,7 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
         WriteKind.SESSION_CREATED: (session_insert,),
         WriteKind.SESSION_ENDED: (session_end,),
         WriteKind.RUN_STOPPED: (run_stop,),
+        WriteKind.BUS_MESSAGE: (bus_message,),
     }
 
 

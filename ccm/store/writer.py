@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, StatementError
 
-from ccm.errors import StoreBacklogFull, StoreUnavailable
+from ccm.errors import NodeFenced, StoreBacklogFull, StoreUnavailable
 from ccm.store.ordering import batch_order
 from ccm.store.statements import bind_rows, prepared_for, statements_for
-from ccm.store.writes import CustomWrite, QueuedWrite, Write, describe
+from ccm.store.waiters import CommitWaiters
+from ccm.store.writes import BatchHooks, CustomWrite, QueuedWrite, Write, WriterStats, describe
 
 logger = logging.getLogger(__name__)
 
@@ -32,29 +33,6 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Barrier:
     future: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
-
-
-@dataclass(frozen=True, slots=True)
-class WriterStats:
-    queue_depth: int
-    max_queue: int
-    batches_committed: int
-    writes_committed: int
-    writes_failed: int
-    failed_by_kind: dict[str, int]
-    """Writes the database refused for good (lost), by write kind."""
-    last_failure: str | None
-    """The last lost write: kind, its row and the database's reason."""
-    degraded: bool
-    last_error: str | None
-    last_batch_size: int
-    last_commit_seconds: float
-
-
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
-        if not future.done():  # a waiter that timed out cancelled its future
-            future.set_result(None)
 
 
 class StoreWriter:
@@ -91,11 +69,9 @@ class StoreWriter:
         self._last_commit = 0.0
         self.on_commit: Callable[[int, float], None] | None = None
         """Called from the writer thread after each committed batch: (writes, seconds)."""
-        self._submitted = 0
-        """Writes queued so far; the n-th write is committed once `_done` reaches n."""
-        self._done = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-        """`durable()` callers on event loops: (writes they wait for, future), in queue order."""
+        self.hooks: BatchHooks | None = None
+        self._fenced: NodeFenced | None = None
+        self._waiters = CommitWaiters(self._cond)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -140,7 +116,7 @@ class StoreWriter:
         """Queue a write. Never blocks on I/O."""
         with self._cond:
             self._queue.append(write)
-            self._submitted += 1
+            self._waiters.queued()
             if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
                 self._cond.notify()
 
@@ -156,6 +132,8 @@ class StoreWriter:
     def reserve(self) -> None:
         """Raise StoreBacklogFull when the queue is at its bound, StoreUnavailable while the
         database is not taking writes: new durable work (a session) cannot be confirmed."""
+        if self._fenced is not None:
+            raise self._fenced
         if not self.has_capacity():
             raise StoreBacklogFull(
                 f"the database is not keeping up ({len(self._queue)} writes queued, "
@@ -186,15 +164,20 @@ class StoreWriter:
         Group commit for event loops: a waiter is a sequence number and a loop future, and
         after each batch the writer wakes every loop once for all the waiters it covered, so
         many sessions acknowledged by one commit cost one wake-up, not one barrier each."""
+        if self._fenced is not None:
+            raise self._fenced
         if self._thread is None:
             await asyncio.wrap_future(self.flush())  # not running: flush applies inline
             return
-        future = asyncio.get_running_loop().create_future()
-        with self._cond:
-            if self._done >= self._submitted:
-                return
-            self._waiters.append((self._submitted, future))
-        await future
+        await self._waiters.wait()
+
+    def unfence(self) -> None:
+        """The node rejoined the cluster under a new run: writes may land again."""
+        self._fenced = None
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced is not None
 
     def stats(self) -> WriterStats:
         stalled = self._stalled_for()
@@ -275,6 +258,19 @@ class StoreWriter:
                 self._commit(writes)
                 self._last_commit = time.perf_counter() - started
                 break
+            except NodeFenced as exc:
+                # The cluster declared this node dead: these writes must lose, and nobody may be
+                # told they are durable. The node fences itself and rejoins (unfence).
+                if self._fenced is None:
+                    logger.warning("store writes refused: %s", exc)
+                self._fenced = exc
+                self._failed += len(writes)
+                self._busy_since = None
+                for item in batch:
+                    if isinstance(item, _Barrier) and not item.future.done():
+                        item.future.set_exception(exc)
+                self._waiters.release(len(writes), exc)
+                return True
             except OperationalError as exc:
                 # Transient: the database is away or locked. Keep the batch and try again.
                 self._mark_degraded(exc)
@@ -305,23 +301,14 @@ class StoreWriter:
         for item in batch:
             if isinstance(item, _Barrier) and not item.future.done():
                 item.future.set_result(None)
-        self._release(len(writes))
+        self._waiters.release(len(writes))
         return True
-
-    def _release(self, applied: int) -> None:
-        """Count `applied` more writes as committed and wake the loops of covered waiters."""
-        ready: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        with self._cond:
-            self._done += applied
-            while self._waiters and self._waiters[0][0] <= self._done:
-                future = self._waiters.popleft()[1]
-                ready.setdefault(future.get_loop(), []).append(future)
-        for loop, futures in ready.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
-                loop.call_soon_threadsafe(_resolve, futures)
 
     def _commit(self, writes: list[QueuedWrite]) -> None:
         with self._engine.begin() as conn:
+            hooks = self.hooks
+            if hooks is not None:
+                hooks.before(conn)
             statements = statements_for(conn.dialect.name)
             prepared = prepared_for(conn.dialect)
             writes = batch_order(writes)
@@ -354,6 +341,8 @@ class StoreWriter:
                         rows = bind_rows(fast, params)
                         conn.exec_driver_sql(fast.sql, rows if len(rows) > 1 else rows[0])
                 i = j
+            if hooks is not None:
+                hooks.after(conn, writes)
         self._committed += len(writes)
 
     def _commit_singly(self, writes: list[QueuedWrite]) -> None:

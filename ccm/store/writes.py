@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypedDict, TypeVar, cast
+from typing import Any, Protocol, TypedDict, TypeVar, cast
 
 from sqlalchemy import BindParameter, Connection, bindparam
 
@@ -33,6 +33,8 @@ class WriteKind(StrEnum):
     SESSION_CREATED = "session_created"
     SESSION_ENDED = "session_ended"
     RUN_STOPPED = "run_stopped"
+    BUS_MESSAGE = "bus_message"
+    """A message to another node's inbox (PostgreSQL only), delivered iff the batch commits."""
 
 
 class ConnectParams(TypedDict):
@@ -86,6 +88,14 @@ class SessionEndedParams(TypedDict):
     p_reason: str | None
     p_result: Any
     p_error: str | None
+    p_at: datetime
+
+
+class BusMessageParams(TypedDict):
+    p_target_run_id: str
+    p_source_run_id: str
+    p_kind: str
+    p_payload: Any
     p_at: datetime
 
 
@@ -193,3 +203,30 @@ def describe(write: QueuedWrite) -> str:
     return " ".join(
         f"{name[2:]}={str(params[name])[:200]!r}" for name in _DESCRIBED_PARAMS if name in params
     )
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    queue_depth: int
+    max_queue: int
+    batches_committed: int
+    writes_committed: int
+    writes_failed: int
+    failed_by_kind: dict[str, int]
+    """Writes the database refused for good (lost), by write kind."""
+    last_failure: str | None
+    """The last lost write: kind, its row and the database's reason."""
+    degraded: bool
+    last_error: str | None
+    last_batch_size: int
+    last_commit_seconds: float
+
+
+class BatchHooks(Protocol):
+    """Statements run in every batch's transaction (the cluster's fencing check before the
+    writes, its notifications after them)."""
+
+    def before(self, conn: Connection) -> None:
+        """Raise NodeFenced to refuse the whole batch."""
+
+    def after(self, conn: Connection, writes: list[QueuedWrite]) -> None: ...

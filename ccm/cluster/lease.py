@@ -1,0 +1,150 @@
+"""NodeLease: this node's membership of the cluster, and the reaper of the nodes that left it
+without a word.
+
+The lease is renewed every third of its length with the database's clock. A node that cannot
+renew (the database says its lease ran out, or no renewal succeeded for a whole lease by the
+node's own monotonic clock, when the database is out of reach or the process was paused) is
+fenced: `on_fenced` runs, and the node rejoins as a new run. On every tick the node also looks
+for nodes whose lease ran out and reaps them, under the cluster-wide advisory lock, so once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import Engine
+
+from ccm.clock import utcnow
+from ccm.cluster.messages import EndedSessionPayload, MessageKind, NodeDeadPayload
+from ccm.store import inbox as inbox_sql
+from ccm.store import nodes as nodes_sql
+
+logger = logging.getLogger(__name__)
+
+
+class NodeLease:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        run_id: Callable[[], str],
+        lease: float,
+        on_fenced: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._engine = engine
+        self._run_id = run_id
+        self.lease = lease
+        self._on_fenced = on_fenced
+        self._renewed_at = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    async def join(self, *, name: str, address: str, version: str) -> None:
+        """Enter the cluster: this run's row, alive, then reap whatever expired meanwhile
+        (this node's own previous incarnation included) and what gone nodes left open."""
+        await asyncio.to_thread(
+            nodes_sql.join,
+            self._engine,
+            run_id=self._run_id(),
+            name=name,
+            address=address,
+            version=version,
+            lease=self.lease,
+        )
+        self._renewed_at = time.monotonic()
+        await self.reap_expired()
+        for run_id in await asyncio.to_thread(nodes_sql.orphaned_nodes, self._engine):
+            await asyncio.to_thread(self._reap_sync, run_id, True)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ccm-node-lease")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def leave(self) -> None:
+        """A clean stop: out of the cluster table at once, nobody waits for the lease."""
+        await asyncio.to_thread(nodes_sql.leave, self._engine, self._run_id())
+
+    async def _run(self) -> None:
+        interval = self.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(interval):
+                    renewed = await asyncio.to_thread(
+                        nodes_sql.renew, self._engine, self._run_id(), self.lease
+                    )
+            except Exception as exc:  # the database is away: the watchdog below decides
+                logger.warning("lease renewal failed: %s", str(exc).splitlines()[0] or exc)
+                renewed = None
+            now = time.monotonic()
+            if renewed:
+                self._renewed_at = now
+            elif renewed is False or now - self._renewed_at > self.lease:
+                logger.error(
+                    "node %s lost its lease (%s): closing its connections and rejoining",
+                    self._run_id(),
+                    "expired in the database" if renewed is False else "no renewal for a lease",
+                )
+                await self._on_fenced()
+                self._renewed_at = time.monotonic()
+                continue
+            with contextlib.suppress(Exception):  # the database is away: next tick
+                await self.reap_expired()
+
+    async def reap_expired(self) -> None:
+        for run_id in await asyncio.to_thread(
+            nodes_sql.expired_nodes, self._engine, me=self._run_id()
+        ):
+            await asyncio.to_thread(self._reap_sync, run_id, False)
+
+    def _reap_sync(self, run_id: str, orphan: bool) -> None:
+        """Reap one node in one transaction, with the NODE_DEAD messages to every alive node."""
+        with self._engine.begin() as conn:
+            if orphan:
+                report = nodes_sql.close_holdings(conn, run_id)
+            else:
+                reaped = nodes_sql.reap(conn, run_id)
+                if reaped is None:
+                    return  # another node holds the reaper's lock, or it renewed in time
+                report = reaped
+            payload = NodeDeadPayload(
+                run_id=run_id,
+                sessions=[
+                    EndedSessionPayload(
+                        session_id=s.session_id,
+                        constellation_id=s.constellation_id,
+                        device_id=s.device_id,
+                    )
+                    for s in report.sessions
+                ],
+            )
+            targets = nodes_sql.alive_nodes(conn)
+            inbox_sql.send_messages(
+                conn,
+                source=self._run_id(),
+                targets=targets,
+                kind=MessageKind.NODE_DEAD.value,
+                payload=_plain(payload),
+                at=utcnow(),
+            )
+        if report.connections_closed or report.sessions:
+            logger.warning(
+                "reaped node %s: %d connections closed (node_lost), %d sessions failed",
+                run_id,
+                report.connections_closed,
+                len(report.sessions),
+            )
+
+
+def _plain(payload: NodeDeadPayload) -> dict[str, Any]:
+    return {"run_id": payload["run_id"], "sessions": [dict(s) for s in payload["sessions"]]}

@@ -1,0 +1,267 @@
+"""The nodes of a cluster (PostgreSQL): leases on `server_runs`, reaping a dead node once,
+restart recovery of what gone nodes left open, and the nodes list. Every time here is the
+database's clock (`now()`).
+
+A node is one run of the server (`server_runs.run_id`). Its lease is `lease_until`; a node that
+cannot renew it before it runs out is dead to the others. Reaping takes a cluster-wide advisory
+lock and moves the run from `alive` to `dead` in the same transaction as it closes what the run
+held, so it happens once, whoever tries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, or_, select, text, update
+
+from ccm.domain import LIVE_STATES, DisconnectReason, SessionReason, SessionState
+from ccm.store.models import clients, connections, server_runs, sessions
+
+REAPER_LOCK = 0x63636D01
+"""pg_advisory_xact_lock key taken by whoever reaps a dead node ('ccm' 1)."""
+
+ALIVE, LEFT, DEAD = "alive", "left", "dead"
+
+_LIVE = [s.value for s in LIVE_STATES]
+
+
+def _lease_end(seconds: float) -> Any:
+    return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class EndedRemotely:
+    """A session a reaper ended for a dead node: what its other parties need to be told."""
+
+    session_id: str
+    constellation_id: str | None
+    device_id: str
+    state: SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class ReapReport:
+    run_id: str
+    connections_closed: int
+    sessions: list[EndedRemotely]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    run_id: str
+    name: str | None
+    address: str | None
+    hostname: str | None
+    pid: int | None
+    version: str | None
+    state: str
+    started_at: datetime
+    renewed_at: datetime | None
+    lease_until: datetime | None
+    clients: int
+    running_sessions: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: (value.isoformat() if isinstance(value, datetime) else value)
+            for name, value in ((n, getattr(self, n)) for n in self.__slots__)
+        }
+
+
+def join(
+    engine: Engine, *, run_id: str, name: str, address: str, version: str, lease: float
+) -> None:
+    """Register this node: a run row, alive, with a lease from the database's clock."""
+    with engine.begin() as conn:
+        conn.execute(
+            server_runs.insert().values(
+                run_id=run_id,
+                started_at=func.now(),
+                hostname=socket.gethostname(),
+                version=version,
+                name=name,
+                address=address,
+                pid=os.getpid(),
+                state=ALIVE,
+                renewed_at=func.now(),
+                lease_until=_lease_end(lease),
+            )
+        )
+
+
+def renew(engine: Engine, run_id: str, lease: float) -> bool:
+    """Extend the lease. False if it had already run out or the node was declared dead: the
+    node must then stop serving (it is fenced)."""
+    with engine.begin() as conn:
+        renewed = conn.execute(
+            update(server_runs)
+            .where(
+                server_runs.c.run_id == run_id,
+                server_runs.c.state == ALIVE,
+                server_runs.c.lease_until > func.now(),
+            )
+            .values(renewed_at=func.now(), lease_until=_lease_end(lease))
+            .returning(server_runs.c.run_id)
+        ).first()
+    return renewed is not None
+
+
+def leave(engine: Engine, run_id: str) -> None:
+    """A clean stop: the node leaves the cluster table at once (no lease to wait out)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(server_runs)
+            .where(server_runs.c.run_id == run_id, server_runs.c.state == ALIVE)
+            .values(state=LEFT, stopped_at=func.now(), lease_until=None, ended_reason="stopped")
+        )
+
+
+def alive_nodes(conn: Connection) -> list[str]:
+    """Runs whose lease is running now."""
+    rows = conn.execute(
+        select(server_runs.c.run_id).where(
+            server_runs.c.state == ALIVE, server_runs.c.lease_until > func.now()
+        )
+    )
+    return [row[0] for row in rows]
+
+
+def expired_nodes(engine: Engine, *, me: str) -> list[str]:
+    """Runs still marked alive whose lease has run out (or that never had one: runs of a
+    version before leases, which never recorded their stop)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(server_runs.c.run_id).where(
+                server_runs.c.state == ALIVE,
+                server_runs.c.run_id != me,
+                or_(server_runs.c.lease_until.is_(None), server_runs.c.lease_until < func.now()),
+            )
+        )
+        return [row[0] for row in rows]
+
+
+def reap(conn: Connection, run_id: str, *, reason: str = "lease_expired") -> ReapReport | None:
+    """In the caller's transaction: declare `run_id` dead and close what it held, once.
+
+    None if another node holds the reaper's lock (it will do it) or the run is not an expired
+    alive run any more (already reaped, or it renewed in time). Its open connections close as
+    `node_lost`, its clients go offline, and its live sessions (executed by its devices) fail
+    as `node_lost`; the report lists them so the caller can tell their other parties."""
+    locked = conn.execute(select(func.pg_try_advisory_xact_lock(REAPER_LOCK))).scalar()
+    if not locked:
+        return None
+    dead = conn.execute(
+        update(server_runs)
+        .where(
+            server_runs.c.run_id == run_id,
+            server_runs.c.state == ALIVE,
+            or_(server_runs.c.lease_until.is_(None), server_runs.c.lease_until < func.now()),
+        )
+        .values(state=DEAD, stopped_at=func.now(), ended_reason=reason)
+        .returning(server_runs.c.run_id)
+    ).first()
+    if dead is None:
+        return None
+    return close_holdings(conn, run_id)
+
+
+def close_holdings(conn: Connection, run_id: str) -> ReapReport:
+    """Close the open connections and live sessions of a run that is gone (reaped, or left
+    without closing them), in the caller's transaction."""
+    closed = conn.execute(
+        update(connections)
+        .where(connections.c.server_run_id == run_id, connections.c.disconnected_at.is_(None))
+        .values(disconnected_at=func.now(), disconnect_reason=DisconnectReason.NODE_LOST.value)
+        .returning(connections.c.connection_id)
+    ).all()
+    if closed:
+        conn.execute(
+            update(clients)
+            .where(clients.c.current_connection_id.in_([row[0] for row in closed]))
+            .values(online=False, current_connection_id=None, last_seen_at=func.now())
+        )
+    ended = conn.execute(
+        update(sessions)
+        .where(sessions.c.server_run_id == run_id, sessions.c.state.in_(_LIVE))
+        .values(
+            state=SessionState.FAILED.value,
+            reason=SessionReason.NODE_LOST.value,
+            error=NODE_LOST_ERROR,
+            ended_at=func.now(),
+        )
+        .returning(sessions.c.session_id, sessions.c.constellation_id, sessions.c.device_id)
+    ).all()
+    return ReapReport(
+        run_id=run_id,
+        connections_closed=len(closed),
+        sessions=[EndedRemotely(s, c, d, SessionState.FAILED) for s, c, d in ended],
+    )
+
+
+NODE_LOST_ERROR = "the node that ran this session was lost (its lease expired)"
+
+
+def orphaned_nodes(engine: Engine) -> list[str]:
+    """Runs that are not alive but still hold open connections or live sessions (a stop that
+    could not flush, or rows of an older version): restart recovery closes them."""
+    with engine.connect() as conn:
+        not_alive = select(server_runs.c.run_id).where(server_runs.c.state != ALIVE)
+        open_rows = select(connections.c.server_run_id).where(
+            connections.c.disconnected_at.is_(None), connections.c.server_run_id.in_(not_alive)
+        )
+        live_rows = select(sessions.c.server_run_id).where(
+            sessions.c.state.in_(_LIVE), sessions.c.server_run_id.in_(not_alive)
+        )
+        rows = conn.execute(open_rows.union(live_rows))
+        return [row[0] for row in rows if row[0] is not None]
+
+
+def list_nodes(engine: Engine) -> list[NodeRow]:
+    """Every node alive or seen in the last day, newest first, with what it holds now."""
+    open_counts = (
+        select(connections.c.server_run_id, func.count().label("n"))
+        .where(connections.c.disconnected_at.is_(None))
+        .group_by(connections.c.server_run_id)
+        .subquery()
+    )
+    live_counts = (
+        select(sessions.c.server_run_id, func.count().label("n"))
+        .where(sessions.c.state.in_(_LIVE))
+        .group_by(sessions.c.server_run_id)
+        .subquery()
+    )
+    query = (
+        select(
+            server_runs.c.run_id,
+            server_runs.c.name,
+            server_runs.c.address,
+            server_runs.c.hostname,
+            server_runs.c.pid,
+            server_runs.c.version,
+            server_runs.c.state,
+            server_runs.c.started_at,
+            server_runs.c.renewed_at,
+            server_runs.c.lease_until,
+            func.coalesce(open_counts.c.n, 0).label("clients"),
+            func.coalesce(live_counts.c.n, 0).label("running_sessions"),
+        )
+        .select_from(
+            server_runs.outerjoin(
+                open_counts, open_counts.c.server_run_id == server_runs.c.run_id
+            ).outerjoin(live_counts, live_counts.c.server_run_id == server_runs.c.run_id)
+        )
+        .where(
+            or_(
+                server_runs.c.state == ALIVE,
+                server_runs.c.stopped_at > func.now() - text("interval '1 day'"),
+            )
+        )
+        .order_by(server_runs.c.started_at.desc())
+        .limit(200)
+    )
+    with engine.connect() as conn:
+        return [NodeRow(**row._mapping) for row in conn.execute(query)]
