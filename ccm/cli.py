@@ -142,6 +142,9 @@ def serve(
     configure_logging(settings.logging.level, settings.logging.format)
     DeviceConfigs(settings.device_config)  # a missing or malformed file: one clear line, no trace
     if settings.database.enabled:
+        from ccm.store.exclusive import hold_sqlite_file
+
+        hold_sqlite_file(settings.database_url)  # a second server on one SQLite file: refused
         _engine(settings).dispose()  # SQLite: migrated now; Postgres: refuse an outdated schema
     key, generated = resolve_api_key(settings)
     where = settings.data_dir / API_KEY_FILE

@@ -49,3 +49,20 @@ class SchemaOutdated(CcmError):
         )
         self.current = current
         self.head = head
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message for a one-line log or error text."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _database_away() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, OSError, TimeoutError)
+
+
+DATABASE_AWAY = _database_away()
+"""What a call to the database raises when it is away, refused, frozen or timed out (psycopg's
+own errors arrive wrapped as SQLAlchemy's, or as OSError from the socket)."""

@@ -77,8 +77,10 @@ class ClientConnectionManager:
         task_protocol: Any = None,
         *,
         remote_address: str | None = None,
+        record: bool = True,
     ) -> ClientInfo:
-        """Register a client connection.
+        """Register a client connection. With `record` False the caller persists it itself
+        (a cluster node claims the id in the database first).
 
         With policy `reject` a live id raises DuplicateClientError and the live entry is untouched.
         With `takeover` the old entry is replaced; it is returned in `ClientInfo.replaced` and its
@@ -120,7 +122,7 @@ class ClientConnectionManager:
                 info.replaced = old
             self.online_clients[client_id] = info
             self._index.add(info.client_id, info.client_type, info.platform, info.system_info)
-        if self._store is not None:
+        if self._store is not None and record:
             if old is not None:
                 self._store.record_disconnect(
                     connection_id=old.connection_id,

@@ -58,6 +58,8 @@ class LiveSession:
     started_at: datetime | None = None
     owner_id: str = ""
     """The client that gets the TASK_END: the constellation, or the device for its own task."""
+    owner_node: str | None = None
+    """The node the owner is connected to, when it is not this one (a cluster)."""
     run: SessionRun = field(default_factory=SessionRun)
 
 

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ccm.sessions",
         "ccm.maintenance",
         "ccm.metrics",
+        "ccm.cluster",
     ),
     ("ccm.server",),
     ("ccm.cli", "ccm.demo", "ccm.__main__", "ccm"),

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine
 
 from ccm.clock import utcnow
 from ccm.cluster.messages import Message, MessageKind
-from ccm.errors import NodeFenced
+from ccm.errors import DATABASE_AWAY, NodeFenced, first_line
 from ccm.store import Store
 from ccm.store import inbox as inbox_sql
 from ccm.store.claims import is_alive
@@ -173,8 +173,8 @@ class PostgresBus:
                         self._dispatch(row_id, source, kind, payload)
                     if len(rows) < inbox_sql.TAKE_LIMIT:
                         break
-            except Exception:  # the database is away: the next wake-up or poll reads again
-                logger.warning("bus reader could not read the inbox", exc_info=True)
+            except DATABASE_AWAY as exc:  # the next wake-up or poll reads again
+                logger.warning("bus reader could not read the inbox: %s", first_line(exc))
                 await asyncio.sleep(1.0)
 
     def _dispatch(self, row_id: int, source: str, kind: str, payload: Any) -> None:

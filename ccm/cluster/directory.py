@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from ccm.domain import ClientType
+from ccm.errors import DATABASE_AWAY, first_line
 from ccm.store.models import clients, connections, server_runs
 from ccm.store.nodes import ALIVE
 
@@ -201,8 +202,8 @@ class RemoteDirectory:
             full = loop.time() >= full_due
             try:
                 await self.refresh(None if full else dirty)
-            except Exception as exc:  # the database is away: keep the last view, retry
-                logger.warning("cluster directory not refreshed: %s", str(exc).splitlines()[0])
+            except DATABASE_AWAY as exc:  # keep the last view, retry
+                logger.warning("cluster directory not refreshed: %s", first_line(exc))
                 self._dirty |= dirty
                 continue
             if full:

@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from ccm.clock import utcnow
 from ccm.cluster.messages import EndedSessionPayload, MessageKind, NodeDeadPayload
+from ccm.errors import DATABASE_AWAY, first_line
 from ccm.store import inbox as inbox_sql
 from ccm.store import nodes as nodes_sql
 
@@ -35,8 +36,10 @@ class NodeLease:
         run_id: Callable[[], str],
         lease: float,
         on_fenced: Callable[[], Awaitable[None]],
+        writes_refused: Callable[[], bool] = lambda: False,
     ) -> None:
         self._engine = engine
+        self._writes_refused = writes_refused
         self._run_id = run_id
         self.lease = lease
         self._on_fenced = on_fenced
@@ -83,22 +86,26 @@ class NodeLease:
                     renewed = await asyncio.to_thread(
                         nodes_sql.renew, self._engine, self._run_id(), self.lease
                     )
-            except Exception as exc:  # the database is away: the watchdog below decides
-                logger.warning("lease renewal failed: %s", str(exc).splitlines()[0] or exc)
+            except DATABASE_AWAY as exc:  # the watchdog below decides
+                logger.warning("lease renewal failed: %s", first_line(exc))
                 renewed = None
             now = time.monotonic()
-            if renewed:
+            if renewed and not self._writes_refused():
                 self._renewed_at = now
-            elif renewed is False or now - self._renewed_at > self.lease:
+            elif renewed or renewed is False or now - self._renewed_at > self.lease:
                 logger.error(
                     "node %s lost its lease (%s): closing its connections and rejoining",
                     self._run_id(),
-                    "expired in the database" if renewed is False else "no renewal for a lease",
+                    "no renewal for a lease"
+                    if renewed is None
+                    else "expired in the database"
+                    if renewed is False
+                    else "its writes were refused",
                 )
                 await self._on_fenced()
                 self._renewed_at = time.monotonic()
                 continue
-            with contextlib.suppress(Exception):  # the database is away: next tick
+            with contextlib.suppress(*DATABASE_AWAY):  # next tick
                 await self.reap_expired()
 
     async def reap_expired(self) -> None:

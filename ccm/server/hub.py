@@ -30,21 +30,22 @@ from ccm.protocol import (
 )
 from ccm.registry import ClientConnectionManager
 from ccm.server.channel import accept_command_results
-from ccm.server.orchestrator import (
-    SessionOrchestrator,
-    TaskRequest,
-    execution_mode,
-    refuse_task,
-)
+from ccm.server.cluster_link import ClusterLink, DispatchAnswer
+from ccm.server.forwarding import forward_task, tell_requester_gone
+from ccm.server.orchestrator import SessionOrchestrator
 from ccm.server.peer import Peer
 from ccm.server.policy import Scope, identity_mismatch
 from ccm.server.registration import Registrar
 from ccm.server.router import Router
 from ccm.server.runners import SessionRunner
+from ccm.server.tasks import TaskRequest, execution_mode, refuse_task
 from ccm.sessions import LiveSession, SessionManager
 from ccm.store import Store
 
 logger = logging.getLogger(__name__)
+
+_ELSEWHERE = "elsewhere"
+"""_target_problem: the device is not here, ask the cluster."""
 
 
 class Hub:
@@ -65,7 +66,10 @@ class Hub:
         self.registry = registry
         self.sessions = sessions
         self.router = Router(registry)
-        self.registrar = Registrar(settings=settings, registry=registry, metrics=self.metrics)
+        self.registrar = Registrar(
+            settings=settings, registry=registry, metrics=self.metrics, on_stale=self._stale
+        )
+        self.cluster: ClusterLink | None = None
         self.orchestrator = SessionOrchestrator(
             settings=settings,
             registry=registry,
@@ -79,6 +83,12 @@ class Hub:
         self._session_limit = settings.server.max_live_sessions_per_client
         self._send_timeout = settings.server.send_timeout.total_seconds()
 
+    def attach(self, cluster: ClusterLink) -> None:
+        """This node is part of a cluster: route to, register through and look up in it."""
+        self.cluster = cluster
+        self.registrar.cluster = cluster
+        self.router.remote = cluster
+
     # -- lookups (the dashboard and the HTTP API read these) ------------------------------------
 
     def peer_of(self, client_id: str) -> Peer | None:
@@ -89,9 +99,14 @@ class Hub:
 
     # -- frames ---------------------------------------------------------------------------------
 
-    def register(self, websocket: Any, msg: ClientMessage, remote_address: str | None) -> Peer:
+    async def register(
+        self, websocket: Any, msg: ClientMessage, remote_address: str | None
+    ) -> Peer:
         """See Registrar.register: raises RegistrationRefused with the text for the client."""
-        return self.registrar.register(websocket, msg, remote_address)
+        return await self.registrar.register(websocket, msg, remote_address)
+
+    async def _stale(self, peer: Peer) -> None:
+        await self.disconnect(peer, DisconnectReason.STALE)
 
     async def handle(self, peer: Peer, msg: ClientMessage) -> None:
         """Handle one frame of a registered connection (called in frame order)."""
@@ -138,6 +153,8 @@ class Hub:
             if peer.is_constellation
             else self.registry.count_device_sessions(peer.client_id)
         )
+        if self.cluster is not None and peer.is_constellation:
+            live += len(self.cluster.remote_sessions(peer.client_id))
         if live >= self._session_limit:
             text = f"too many running sessions ({live}, limit {self._session_limit})"
             refuse_task(peer, msg.session_id, text)
@@ -145,6 +162,9 @@ class Hub:
         if peer.is_constellation:
             target = msg.target_id
             problem = self._target_problem(peer, target)
+            if problem == _ELSEWHERE and self.cluster is not None and target is not None:
+                await forward_task(self.cluster, self.registry, peer, msg, target)
+                return
             if problem is not None:
                 refuse_task(peer, msg.session_id, problem)
                 return
@@ -183,6 +203,8 @@ class Hub:
         if not self.registry.is_device_connected(target):
             if self.registry.is_online(target):
                 return "Constellation tasks may only target device clients"
+            if self.cluster is not None:
+                return _ELSEWHERE
             return f"Target device '{target}' is not connected"
         return None
 
@@ -193,6 +215,30 @@ class Hub:
             device_id=device_id, origin=Origin.HTTP, request=request, task_name=task_name
         )
         return await self.orchestrator.start(task, wait=True)
+
+    async def dispatch_anywhere(
+        self, device_id: str, request: str, task_name: str | None
+    ) -> DispatchAnswer:
+        """HTTP dispatch from any node: here if the device is connected here, else through its
+        node. The answer carries the HTTP status."""
+        if self.registry.is_online(device_id) or self.cluster is None:
+            if not self.registry.is_online(device_id):
+                return DispatchAnswer(404, error="Client not online")
+            if not self.registry.is_device_connected(device_id):
+                return DispatchAnswer(409, error="Tasks can only be dispatched to devices")
+            try:
+                session = await self.dispatch(device_id, request, task_name)
+            except StoreUnavailable as exc:
+                return DispatchAnswer(503, error=str(exc))
+            except SessionError as exc:
+                return DispatchAnswer(409, error=str(exc))
+            return DispatchAnswer(200, session.session_id, session.task_name)
+        remote = await self.cluster.locate(device_id)
+        if remote is None:
+            return DispatchAnswer(404, error="Client not online")
+        if remote.client_type is not ClientType.DEVICE:
+            return DispatchAnswer(409, error="Tasks can only be dispatched to devices")
+        return await self.cluster.dispatch(remote, request, task_name)
 
     def _on_command_results(self, peer: Peer, msg: ClientMessage) -> None:
         """Never creates anything: unknown session, wrong sender or no waiting COMMAND are
@@ -245,6 +291,10 @@ class Hub:
             if client is not None and client.client_type is ClientType.DEVICE
             else None
         )
+        if client is None and msg.target_id and self.cluster is not None:
+            remote = self.cluster.directory.locate(msg.target_id)
+            if remote is not None and remote.client_type is ClientType.DEVICE:
+                info = remote.system_info
         if info is None:
             text = f"Device {msg.target_id} not found or no system info available"
             frame = server_frame(
@@ -274,15 +324,20 @@ class Hub:
             self.metrics.disconnects.labels(reason.value).inc()
         if removed is None:
             return  # replaced by a takeover, or already gone: the new registration keeps its own
+        if self.cluster is not None and peer.is_constellation:
+            tell_requester_gone(self.cluster, peer.client_id)
         await self.orchestrator.end_sessions_of(peer.client_id, peer.client_type)
 
-    async def close_connections(self) -> None:
-        """Server stopping: close every connection with 1001 (`server_shutdown`), each after
-        what is queued for it went out (bounded by the send timeout), and record it."""
-        reason = DisconnectReason.SERVER_SHUTDOWN
+    async def close_connections(
+        self,
+        reason: DisconnectReason = DisconnectReason.SERVER_SHUTDOWN,
+        code: int = CLOSE_GOING_AWAY,
+    ) -> None:
+        """Server stopping (or fenced): close every connection with `code`, each after what is
+        queued for it went out (bounded by the send timeout), and record it."""
         peers = self.router.peers()
         for peer in peers:
             peer.close_reason = reason
-        await asyncio.gather(*(p.flush_and_close(CLOSE_GOING_AWAY, reason) for p in peers))
+        await asyncio.gather(*(p.flush_and_close(code, reason) for p in peers))
         for peer in peers:
             await self.disconnect(peer, reason)

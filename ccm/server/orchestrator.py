@@ -12,21 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from ccm.clock import utcnow
 from ccm.config import Settings
-from ccm.domain import ClientType, Mode, Origin, SessionReason, SessionState
-from ccm.errors import SessionError, StoreUnavailable
+from ccm.domain import ClientType, Mode, SessionReason, SessionState
+from ccm.errors import NodeFenced, SessionError, StoreUnavailable
 from ccm.ids import new_id
 from ccm.logs import bind
 from ccm.metrics import Metrics
 from ccm.protocol import (
-    RELAY_METADATA_KEY,
     ServerMessageType,
     TaskStatus,
-    error_frame,
     ok_frame,
     sanitize_task_name,
     server_frame,
@@ -34,9 +31,9 @@ from ccm.protocol import (
 )
 from ccm.registry import ClientConnectionManager
 from ccm.server.channel import SessionChannel
-from ccm.server.peer import Peer
 from ccm.server.router import Router
 from ccm.server.runners import NO_RUNNER_ERROR, SessionRunner
+from ccm.server.tasks import Requester, TaskRequest, execution_mode, refuse_task
 from ccm.sessions import EndedSession, LiveSession, SessionManager
 from ccm.store import Store
 
@@ -46,41 +43,7 @@ DEVICE_GONE_ERROR = "Task was cancelled because target device disconnected"
 CONSTELLATION_GONE_ERROR = "Task was cancelled because the requesting constellation disconnected"
 SHUTDOWN_ERROR = "the server is shutting down"
 UNCONFIRMED_ERROR = "the database did not confirm the session in time; try again"
-
-
-def execution_mode(registry: ClientConnectionManager, device_id: str) -> Mode:
-    """Relay if the device declared it at registration (metadata `ccm_execution: relay`) or
-    the operator's device config says `execution: relay`; agent-driven otherwise."""
-    info = registry.get_client_info(device_id)
-    if info is None or info.client_type is not ClientType.DEVICE:
-        return Mode.AGENT
-    if info.metadata.get(RELAY_METADATA_KEY) == "relay":
-        return Mode.RELAY
-    config = registry.device_configs.get(device_id) or {}
-    return Mode.RELAY if config.get("execution") == "relay" else Mode.AGENT
-
-
-def refuse_task(peer: Peer, session_id: str | None, message: str) -> None:
-    """ERROR plus (decision D4) a TASK_END `failed`, so the requester need not time out."""
-    peer.send(error_frame(message))
-    if session_id:
-        peer.send(task_end_frame(session_id, completed=False, error=message))
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRequest:
-    """What a session is asked to do, from whichever edge it came."""
-
-    device_id: str
-    origin: Origin
-    request: str | None
-    task_name: str | None = None
-    session_id: str | None = None
-    """The requester's id for the session; None: ccm makes one."""
-    requester: Peer | None = None
-    """The connection told about the session (ACK, TASK_END); None for HTTP dispatch."""
-    force_agent: bool = False
-    """Run it through the runners even on a relay device (a device's own task)."""
+NODE_LOST_ERROR = "the requester's node was lost (its lease expired)"
 
 
 class SessionOrchestrator:
@@ -138,6 +101,12 @@ class SessionOrchestrator:
                 refuse_task(requester, task.session_id, str(exc))
             raise
         self._metrics.count(self._metrics.sessions_started, session.mode.value, task.origin.value)
+        if task.requester_node is not None and requester is not None:
+            # A requester on another node: its ACK travels in the same transaction as the
+            # session's row, so it is delivered only if the row is committed.
+            session.owner_node = task.requester_node
+            requester.send(ok_frame(session.session_id))
+            requester = None
         launch = self._launch(session, requester)
         if not wait:
             await self._without_blocking(launch)
@@ -145,7 +114,7 @@ class SessionOrchestrator:
             raise StoreUnavailable(UNCONFIRMED_ERROR)
         return session
 
-    async def _launch(self, session: LiveSession, requester: Peer | None) -> bool:
+    async def _launch(self, session: LiveSession, requester: Requester | None) -> bool:
         """Once the session is committed: ACK the requester, then hand the task to the device
         (relay) or to a runner. False if the database did not confirm (the session failed)."""
         if not await self._durable():
@@ -284,7 +253,6 @@ class SessionOrchestrator:
         """TASK_END to the owner, and to the device if it was handed the session, once the final
         state is durable (a `completed` is never announced before that)."""
         completed = ended.state is SessionState.COMPLETED
-        durable = await self._durable() if wait else False
         frame = task_end_frame(
             session.session_id,
             completed=completed,
@@ -292,9 +260,15 @@ class SessionOrchestrator:
             error=ended.error,
             response_id=new_id(),
         )
-        recipients = [session.owner_id]
+        recipients = []
+        if session.owner_node is not None:
+            # Over the bus, in the same transaction as the final state (or a later one).
+            self._router.send(session.owner_id, frame, node=session.owner_node)
+        else:
+            recipients.append(session.owner_id)
         if session.device_id != session.owner_id and session.run.launched:
             recipients.append(session.device_id)
+        durable = await self._durable() if wait and recipients else False
         if durable or not completed:
             self._router.send_all(recipients, frame)
         else:
@@ -307,12 +281,17 @@ class SessionOrchestrator:
 
     async def _send_when_durable(self, client_ids: list[str], frame: str) -> None:
         if self._store is not None:
-            await self._store.writer.durable()  # resolves once the database is back and took it
+            try:
+                await self._store.writer.durable()  # resolves once the database is back
+            except NodeFenced:
+                return  # this node was declared dead: the survivors told the parties
         self._router.send_all(client_ids, frame)
 
-    async def end_sessions_of(self, client_id: str, client_type: ClientType) -> None:
+    async def end_sessions_of(
+        self, client_id: str, client_type: ClientType, *, node_lost: bool = False
+    ) -> None:
         """A client left: a constellation's sessions are cancelled, a device's fail; each is
-        ended once and the other side is told."""
+        ended once and the other side is told. `node_lost`: it left with its node."""
         if client_type is ClientType.CONSTELLATION:
             ids = self._registry.get_constellation_sessions(client_id)
             state, reason, error = (
@@ -327,6 +306,8 @@ class SessionOrchestrator:
                 SessionReason.DEVICE_DISCONNECTED,
                 DEVICE_GONE_ERROR,
             )
+        if node_lost:
+            reason, error = SessionReason.NODE_LOST, NODE_LOST_ERROR
         for session_id in ids:
             session = self._sessions.get(session_id)
             if session is not None:
@@ -336,16 +317,16 @@ class SessionOrchestrator:
         else:
             self._registry.remove_device_sessions(client_id)
 
-    async def interrupt_all(self) -> None:
-        """Server stopping: every live session ends `interrupted` (owners told), and the held
+    async def interrupt_all(
+        self,
+        state: SessionState = SessionState.INTERRUPTED,
+        reason: SessionReason = SessionReason.SERVER_SHUTDOWN,
+        error: str = SHUTDOWN_ERROR,
+    ) -> None:
+        """Server stopping (or fenced): every live session ends (owners told), and the held
         acknowledgements and TASK_ENDs get up to the ACK timeout to go out."""
         for session in self._sessions.live_sessions():
-            await self.finish(
-                session,
-                SessionState.INTERRUPTED,
-                reason=SessionReason.SERVER_SHUTDOWN,
-                error=SHUTDOWN_ERROR,
-            )
+            await self.finish(session, state, reason=reason, error=error)
         if self._held:
             await asyncio.wait(list(self._held), timeout=self.ack_timeout)
 
@@ -386,5 +367,7 @@ class SessionOrchestrator:
                 await store.writer.durable()
         except TimeoutError:
             logger.error("store did not confirm writes within %.1f s", self.ack_timeout)
+            return False
+        except NodeFenced:
             return False
         return True

@@ -1,26 +1,43 @@
 """Registration: a REGISTER frame's identity bound to a new Peer and added to the registry.
 
 Refusals raise RegistrationRefused with the text for the client; the endpoint sends it in an
-ERROR frame and closes. The confirmation is sent in the same step as the registry entry is made,
-so nothing can reach a client before it.
+ERROR frame and closes. The confirmation goes out once the registration holds, so nothing can
+reach a client before it.
+
+A live id is refused (policy `reject`) only while its connection is provably alive: the old
+connection is pinged, and one that does not answer in time is closed as `stale` and the
+newcomer accepted. In a cluster the id is claimed in the database (one round trip), so two nodes
+cannot both accept it; the holder on another node is probed, or closed (`takeover`), through it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ccm.config import Settings
+from ccm.client_info import ClientInfo
+from ccm.cluster.messages import CloseConnectionPayload, MessageKind, ProbePayload
+from ccm.config import DuplicatePolicy, Settings
 from ccm.domain import ClientType, DisconnectReason
-from ccm.errors import DuplicateClientError
+from ccm.errors import DuplicateClientError, NodeFenced
+from ccm.ids import new_id
 from ccm.logs import bind
 from ccm.metrics import Metrics
 from ccm.protocol import ClientMessage, ok_frame
 from ccm.registry import ClientConnectionManager
+from ccm.server import ws_probe
+from ccm.server.cluster_link import ClusterLink
 from ccm.server.peer import Peer
+from ccm.store.claims import holder_of
+
+logger = logging.getLogger(__name__)
 
 MAX_CLIENT_ID_LENGTH = 512
 DEFAULT_PLATFORM = "windows"
 """UFO's own default when a device reports none."""
+CLAIM_ATTEMPTS = 3
 
 
 class RegistrationRefused(Exception):
@@ -31,13 +48,23 @@ class Registrar:
     """Turns a REGISTER into a registered Peer, or a refusal."""
 
     def __init__(
-        self, *, settings: Settings, registry: ClientConnectionManager, metrics: Metrics
+        self,
+        *,
+        settings: Settings,
+        registry: ClientConnectionManager,
+        metrics: Metrics,
+        on_stale: Callable[[Peer], Awaitable[None]],
     ) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._on_stale = on_stale
         self._send_timeout = settings.server.send_timeout.total_seconds()
+        self._takeover = settings.duplicate_policy is DuplicatePolicy.TAKEOVER
+        self.cluster: ClusterLink | None = None
 
-    def register(self, websocket: Any, msg: ClientMessage, remote_address: str | None) -> Peer:
+    async def register(
+        self, websocket: Any, msg: ClientMessage, remote_address: str | None
+    ) -> Peer:
         client_id = msg.client_id
         if not client_id or not client_id.strip():
             raise RegistrationRefused("REGISTER requires a non-empty client_id")
@@ -45,7 +72,7 @@ class Registrar:
             raise RegistrationRefused(f"client_id is longer than {MAX_CLIENT_ID_LENGTH} characters")
         client_type = msg.client_type
         target_id = msg.target_id if client_type is ClientType.CONSTELLATION else None
-        if target_id is not None and not self._registry.is_device_connected(target_id):
+        if target_id is not None and not await self._device_exists(target_id):
             raise RegistrationRefused(f"Target device '{target_id}' is not connected")
         metadata = dict(msg.metadata or {})
         platform = metadata.get("platform")
@@ -58,8 +85,9 @@ class Registrar:
             metrics=self._metrics,
             target_id=target_id,
         )
-        try:
-            info = self._registry.add_client(
+
+        def add() -> ClientInfo:
+            return self._registry.add_client(
                 client_id,
                 platform if isinstance(platform, str) and platform else DEFAULT_PLATFORM,
                 websocket,
@@ -67,14 +95,99 @@ class Registrar:
                 metadata,
                 transport=peer,
                 remote_address=remote_address,
+                record=self.cluster is None,  # a cluster node claims the id in the database
             )
+
+        try:
+            info = add()
         except DuplicateClientError as exc:
-            raise RegistrationRefused(str(exc)) from None
+            if not await self._close_if_stale(client_id):
+                raise RegistrationRefused(str(exc)) from None
+            try:
+                info = add()
+            except DuplicateClientError as again:  # another newcomer won the race
+                raise RegistrationRefused(str(again)) from None
+        peer.epoch = info.epoch
+        if self.cluster is not None:
+            await self._claim(info, self.cluster)
         self._metrics.registrations.labels(client_type.value).inc()
         bind(client_id=client_id, connection_id=info.connection_id)
-        peer.epoch = info.epoch
         peer.send(ok_frame())
         replaced, info.replaced = info.replaced, None
         if replaced is not None and isinstance(replaced.transport, Peer):
             replaced.transport.kick(DisconnectReason.REPLACED)
         return peer
+
+    async def _device_exists(self, device_id: str) -> bool:
+        if self._registry.is_device_connected(device_id):
+            return True
+        if self.cluster is None:
+            return False
+        remote = await self.cluster.locate(device_id)
+        return remote is not None and remote.client_type is ClientType.DEVICE
+
+    async def _close_if_stale(self, client_id: str) -> bool:
+        """The id is live on this node: ping its connection. One that does not answer is closed
+        as `stale` (True: the newcomer may have the id); one that answers keeps it."""
+        info = self._registry.get_client_info(client_id)
+        old = info.transport if info is not None else None
+        if not isinstance(old, Peer):
+            return False
+        if await ws_probe.probe(old.websocket, ws_probe.STALE_SECONDS) is not False:
+            return False
+        logger.warning("closing stale connection client_id=%s: no answer to a ping", client_id)
+        await self._on_stale(old)
+        old.kick(DisconnectReason.STALE)
+        return True
+
+    async def _claim(self, info: ClientInfo, cluster: ClusterLink) -> None:
+        """Make the id this connection's in the database, or undo the registration and refuse."""
+        try:
+            for _attempt in range(CLAIM_ATTEMPTS):
+                outcome = await cluster.claim(info, takeover=self._takeover)
+                if outcome.claimed:
+                    for connection_id, run_id in outcome.replaced:
+                        if run_id != cluster.me:
+                            payload = CloseConnectionPayload(
+                                client_id=info.client_id,
+                                connection_id=connection_id,
+                                reason=DisconnectReason.REPLACED.value,
+                            )
+                            cluster.send(run_id, MessageKind.CLOSE_CONNECTION, payload)
+                    return
+                if outcome.holder is None or not await self._holder_gave_up(
+                    cluster, info.client_id, outcome.holder
+                ):
+                    break
+        except (TimeoutError, NodeFenced):
+            self._registry.remove_client(info.client_id, epoch=info.epoch)
+            raise RegistrationRefused(
+                "the database did not confirm the registration in time; try again"
+            ) from None
+        self._registry.remove_client(info.client_id, epoch=info.epoch)
+        raise RegistrationRefused(str(DuplicateClientError(info.client_id)))
+
+    async def _holder_gave_up(
+        self, cluster: ClusterLink, client_id: str, holder: tuple[str, str]
+    ) -> bool:
+        """The id is held by a connection on another node: True if that one is gone now (its
+        node is dead and was reaped, or it did not answer a ping and was closed as `stale`)."""
+        connection_id, run_id = holder
+        found = await asyncio.to_thread(holder_of, cluster.store.engine, client_id)
+        if found is None:
+            return True  # closed meanwhile
+        if not found[2]:  # its node's lease ran out: reap it now rather than wait for a tick
+            await cluster.lease.reap_expired()
+            return True
+        if run_id == cluster.me:
+            return False  # held here by a live connection (a race with another newcomer)
+        payload = ProbePayload(
+            client_id=client_id, connection_id=connection_id, correlation=new_id()
+        )
+        try:
+            alive = await cluster.request(
+                run_id, MessageKind.PROBE, payload, ws_probe.STALE_SECONDS + cluster.ack_timeout
+            )
+        except TimeoutError:
+            return False
+        return not alive

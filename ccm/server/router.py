@@ -2,15 +2,21 @@
 
 Every frame the server sends to a client other than the one whose frame it is handling (the
 TASK to a device, a TASK_END to a requester, a COMMAND) goes through here, so that there is one
-place that knows where a client's connection is: the Peer registered in the live registry.
+place that knows where a client's connection is: the Peer registered in the live registry, or,
+in a cluster, another node (reached over the bus).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 from ccm.registry import ClientConnectionManager
 from ccm.server.peer import Peer
+
+
+class RemoteDelivery(Protocol):
+    def deliver(self, node: str, client_id: str, frame: str) -> None: ...
 
 
 class Router:
@@ -18,6 +24,8 @@ class Router:
 
     def __init__(self, registry: ClientConnectionManager) -> None:
         self._registry = registry
+        self.remote: RemoteDelivery | None = None
+        """Set on a cluster node: how frames reach clients of the other nodes."""
 
     def peer_of(self, client_id: str) -> Peer | None:
         """The live connection of `client_id`, or None."""
@@ -31,8 +39,12 @@ class Router:
         """Every live connection, in registration order."""
         return [p for cid in self._registry.list_clients() if (p := self.peer_of(cid)) is not None]
 
-    def send(self, client_id: str, frame: str) -> bool:
-        """Queue `frame` for `client_id`. False if it has no live connection (or it is closing)."""
+    def send(self, client_id: str, frame: str, *, node: str | None = None) -> bool:
+        """Queue `frame` for `client_id`, connected here or (with `node`) to another node. False
+        if it has no live connection here (or it is closing)."""
+        if node is not None and self.remote is not None:
+            self.remote.deliver(node, client_id, frame)
+            return True
         peer = self.peer_of(client_id)
         return peer is not None and peer.send(frame)
 

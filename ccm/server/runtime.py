@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -21,14 +22,20 @@ from prometheus_client import start_http_server
 from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
+from ccm.domain import DisconnectReason, SessionReason, SessionState
+from ccm.errors import DATABASE_AWAY, NodeFenced, first_line
 from ccm.maintenance import run_cleanup
 from ccm.metrics import Metrics
+from ccm.protocol import CLOSE_SERVICE_RESTART
 from ccm.registry import ClientConnectionManager
+from ccm.server.cluster_link import ClusterLink
+from ccm.server.cluster_messages import MessageHandlers
 from ccm.server.feed import DashboardFeed
 from ccm.server.hub import Hub
 from ccm.server.runners import SessionRunner
 from ccm.sessions import SessionManager
 from ccm.store import Store, open_store
+from ccm.store.exclusive import hold_sqlite_file, release_sqlite_file
 from ccm.store.migrate import ensure_schema
 from ccm.version import VERSION
 
@@ -44,6 +51,7 @@ class Runtime:
     sessions: SessionManager
     hub: Hub
     dashboard: DashboardFeed
+    cluster: ClusterLink | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: WSGIServer | None = None
     _connections_closed: bool = False
@@ -59,7 +67,10 @@ class Runtime:
         runners: list[SessionRunner],
     ) -> Runtime:
         # database.enabled false: no store at all (live registry only, see DatabaseSettings).
-        store = await _open_store(settings, metrics) if settings.database.enabled else None
+        store = None
+        if settings.database.enabled:
+            hold_sqlite_file(settings.database_url)  # one server per SQLite file: refuse early
+            store = await _open_store(settings, metrics)
         registry = ClientConnectionManager(
             store=store,
             device_configs=device_configs,
@@ -84,6 +95,8 @@ class Runtime:
             hub=hub,
             dashboard=DashboardFeed(hub=hub, store=store, metrics=metrics),
         )
+        if store is not None and store.engine.dialect.name == "postgresql":
+            await runtime._join_cluster(store)
         runtime._start_jobs()
         if store is None:
             logger.warning("ccm started without a database (database.enabled: false): no history")
@@ -91,6 +104,57 @@ class Runtime:
             url = store.engine.url.render_as_string(hide_password=True)
             logger.info("ccm started run_id=%s database=%s", store.run_id, url)
         return runtime
+
+    def _identity(self) -> dict[str, str]:
+        server, cluster = self.settings.server, self.settings.cluster
+        address = cluster.advertise_address or f"{server.host}:{server.port}"
+        return {
+            "name": cluster.node_name or f"{socket.gethostname()}:{server.port}",
+            "address": address,
+            "version": VERSION,
+        }
+
+    async def _join_cluster(self, store: Store) -> None:
+        """Nodes on one PostgreSQL database are one cluster (a cluster of one is one too)."""
+        cluster = ClusterLink(
+            store,
+            lease=self.settings.cluster.lease.total_seconds(),
+            ack_timeout=self.hub.orchestrator.ack_timeout,
+            on_fenced=self._fenced,
+        )
+        cluster.handlers = MessageHandlers(link=cluster, hub=self.hub)
+        self.hub.attach(cluster)
+        self.cluster = cluster
+        await cluster.start(**self._identity())
+        logger.info(
+            "node joined the cluster run_id=%s nodes=%d", store.run_id, len(cluster.directory.nodes)
+        )
+
+    async def _fenced(self) -> None:
+        """This node's lease ran out: the others have (or will have) declared it dead and told
+        the parties of its sessions. Close every connection, drop what it had queued, and rejoin
+        as a new node."""
+        assert self.store is not None
+        assert self.cluster is not None
+        error = NodeFenced("this node's lease ran out; it rejoined the cluster as a new node")
+        await self.hub.orchestrator.interrupt_all(
+            SessionState.FAILED, SessionReason.NODE_LOST, "this node lost its lease"
+        )
+        await self.hub.close_connections(DisconnectReason.NODE_FENCED, CLOSE_SERVICE_RESTART)
+        await self.hub.orchestrator.cancel_held()
+        dropped = self.store.writer.discard(error)
+        logger.warning("fenced: %d queued writes dropped", dropped)
+        while True:
+            try:
+                await self.cluster.rejoin(**self._identity())
+            except DATABASE_AWAY as exc:  # still away: try again
+                logger.warning(
+                    "rejoining the cluster failed (%s); retrying in 1 s", first_line(exc)
+                )
+                await asyncio.sleep(1.0)
+                continue
+            logger.warning("rejoined the cluster run_id=%s", self.store.run_id)
+            return
 
     def _start_jobs(self) -> None:
         settings = self.settings
@@ -130,15 +194,22 @@ class Runtime:
         for job in self._jobs:
             with contextlib.suppress(asyncio.CancelledError):
                 await job
+        if self.cluster is not None:
+            await self.cluster.stop_tasks()
         await self.dashboard.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         store = self.store
         if store is not None:
             self._record_last_seen(store)
-            store.record_run_stopped()
+            if self.cluster is None:
+                store.record_run_stopped()
             drained = await asyncio.to_thread(store.writer.stop)
+            if self.cluster is not None:
+                with contextlib.suppress(*DATABASE_AWAY):  # the lease expires instead
+                    await self.cluster.leave()
             store.engine.dispose()
+            release_sqlite_file(self.settings.database_url)
             logger.info("ccm stopped run_id=%s writes_flushed=%s", store.run_id, drained)
 
     async def shutdown(self) -> None:
@@ -189,17 +260,19 @@ class Runtime:
 
 
 async def _open_store(settings: Settings, metrics: Metrics) -> Store:
-    """Open the store: schema check (SQLite migrated), restart recovery, run row, writer."""
+    """Open the store: schema check (SQLite migrated), and on SQLite (one server per file)
+    restart recovery and this run's row; a cluster node joins instead (_join_cluster)."""
     store = open_store(settings)
     await asyncio.to_thread(ensure_schema, store.engine)
-    recovered = await asyncio.to_thread(store.recover_after_restart)
-    if recovered.connections_closed or recovered.sessions_interrupted:
-        logger.warning(
-            "restart recovery closed %d connections, interrupted %d sessions",
-            recovered.connections_closed,
-            recovered.sessions_interrupted,
-        )
-    await asyncio.to_thread(store.record_run_started, version=VERSION)
+    if store.engine.dialect.name != "postgresql":
+        recovered = await asyncio.to_thread(store.recover_after_restart)
+        if recovered.connections_closed or recovered.sessions_interrupted:
+            logger.warning(
+                "restart recovery closed %d connections, interrupted %d sessions",
+                recovered.connections_closed,
+                recovered.sessions_interrupted,
+            )
+        await asyncio.to_thread(store.record_run_started, version=VERSION)
     store.writer.on_commit = metrics.observe_commit
     store.writer.start()
     return store

@@ -124,7 +124,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await _refuse(websocket, "the first frame must be a REGISTER message", CLOSE_POLICY)
         return
     try:
-        peer = hub.register(websocket, msg, _remote(websocket))
+        peer = await hub.register(websocket, msg, _remote(websocket))
     except RegistrationRefused as exc:
         logger.warning("registration refused client_id=%s: %s", msg.client_id, exc)
         hub.metrics.registrations_refused.labels("refused").inc()

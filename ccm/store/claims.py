@@ -67,6 +67,19 @@ def claim(conn: Connection, params: ConnectParams, *, takeover: bool) -> Claim:
             .returning(connections.c.connection_id, connections.c.server_run_id)
         ).all()
         replaced = tuple((row[0], row[1] or "") for row in rows)
+    # The connection's foreign key needs the client row: make sure one exists, changing nothing
+    # in an existing one (the loser of a race must not overwrite the winner's).
+    conn.execute(
+        postgresql.insert(clients)
+        .values(
+            client_id=client_id,
+            client_type=params["p_client_type"],
+            first_seen_at=params["p_at"],
+            last_seen_at=params["p_at"],
+            online=False,
+        )
+        .on_conflict_do_nothing(index_elements=[clients.c.client_id])
+    )
     inserted = conn.execute(
         postgresql.insert(connections)
         .values(

@@ -4,6 +4,7 @@ read methods run a query and return plain values (no live ORM objects).
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Sequence
@@ -130,7 +131,9 @@ class Store:
     # -- lifecycle (synchronous, at start and stop) -----------------------------------------
 
     def recover_after_restart(self, *, at: datetime | None = None) -> RecoveryReport:
-        """Close what a previous process left open: connections, online flags, live sessions."""
+        """Single node (SQLite, which one server holds at a time): close what a previous process
+        left open, connections, online flags, live sessions. A cluster node recovers only what
+        nodes with an expired lease left (ccm.cluster.lease)."""
         at = at or utcnow()
         with self.engine.begin() as conn:
             closed = conn.execute(
@@ -153,18 +156,27 @@ class Store:
                 )
             ).rowcount
             conn.execute(
-                update(server_runs).where(server_runs.c.stopped_at.is_(None)).values(stopped_at=at)
+                update(server_runs)
+                .where(server_runs.c.stopped_at.is_(None))
+                .values(stopped_at=at, state="dead", ended_reason="server_restart")
             )
         return RecoveryReport(closed, offline, interrupted)
 
-    def record_run_started(self, *, version: str, at: datetime | None = None) -> None:
+    def record_run_started(
+        self, *, version: str, name: str | None = None, address: str | None = None
+    ) -> None:
+        """Single node: this run's row (a cluster node joins through ccm.store.nodes)."""
         with self.engine.begin() as conn:
             conn.execute(
                 insert(server_runs).values(
                     run_id=self.run_id,
-                    started_at=at or utcnow(),
+                    started_at=utcnow(),
                     hostname=socket.gethostname(),
                     version=version,
+                    name=name,
+                    address=address,
+                    pid=os.getpid(),
+                    state="alive",
                 )
             )
 

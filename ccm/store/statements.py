@@ -181,7 +181,7 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
     run_stop = (
         update(server_runs)
         .where(server_runs.c.run_id == r["p_run_id"])
-        .values(stopped_at=r["p_at"])
+        .values(stopped_at=r["p_at"], state="left", ended_reason="stopped")
     )
     return {
         WriteKind.CONNECT: (client_upsert, connection_insert),

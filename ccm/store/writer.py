@@ -171,6 +171,18 @@ class StoreWriter:
             return
         await self._waiters.wait()
 
+    def discard(self, error: NodeFenced) -> int:
+        """Drop every queued write (a fenced node's, which must lose), failing their waiters
+        with `error`. Returns how many were dropped."""
+        with self._cond:
+            queued, self._queue = list(self._queue), collections.deque()
+        for item in queued:
+            if isinstance(item, _Barrier) and not item.future.done():
+                item.future.set_exception(error)
+        dropped = sum(1 for item in queued if not isinstance(item, _Barrier))
+        self._waiters.release(dropped, error)
+        return dropped
+
     def unfence(self) -> None:
         """The node rejoined the cluster under a new run: writes may land again."""
         self._fenced = None

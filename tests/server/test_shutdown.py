@@ -26,6 +26,15 @@ from tests.server.support import API_KEY, AipClient, free_port
 CCM = Path(sys.executable).parent / "ccm"
 START_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
+LEASE_SECONDS = 2.0
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
 
 
 class ServeProcess:
@@ -38,6 +47,7 @@ class ServeProcess:
             **os.environ,
             "CCM_DATA_DIR": str(workdir / "data"),
             "CCM_CLEANUP_ENABLED": "false",
+            "CCM_CLUSTER_LEASE": f"{LEASE_SECONDS}s",  # PostgreSQL: a killed node is reaped soon
         }
         env.pop("CCM_CONFIG", None)
         with self.log_path.open("wb") as log:
@@ -206,7 +216,9 @@ def test_sigterm_closes_clients_with_1001_and_records_shutdown(
 def test_restart_closes_connections_left_open_by_a_killed_server(
     serve: Callable[[], ServeProcess], db: Engine
 ) -> None:
-    """After SIGKILL, the next start closes leftover connections and sessions as server_restart."""
+    """After SIGKILL, the next start closes leftover connections and sessions: at once on SQLite
+    (`server_restart`, one server per file), on PostgreSQL once the killed node's lease has
+    expired (`node_lost`: a starting node never touches a live node's rows)."""
     first = serve()
     session_id = "nightly@task_4"
 
@@ -221,12 +233,21 @@ def test_restart_closes_connections_left_open_by_a_killed_server(
     assert only_session(db, session_id).state == "running"
 
     second = serve()  # healthy means the start-up recovery has run
+    if db.dialect.name == "postgresql":
+        reason, state = "node_lost", "failed"
+        wait_until(
+            lambda: only_session(db, session_id).state != "running",
+            timeout=LEASE_SECONDS * 4 + 5,
+            what="the killed node's session ended by its reaper",
+        )
+    else:
+        reason, state = "server_restart", "interrupted"
     for client_id in ("lab-pc-07", "nightly@lab-pc-07"):
         row = only_connection(db, client_id)
         assert row.disconnected_at is not None
-        assert row.disconnect_reason == "server_restart"
+        assert row.disconnect_reason == reason
     session = only_session(db, session_id)
-    assert (session.state, session.reason) == ("interrupted", "server_restart")
+    assert (session.state, session.reason) == (state, reason)
     assert online_flags(db) == {"lab-pc-07": False, "nightly@lab-pc-07": False}
 
     second.process.send_signal(signal.SIGTERM)

@@ -1,0 +1,74 @@
+"""Probe a WebSocket with a ping: does the client at the other end still answer?
+
+ASGI has no ping message, so this reaches into the uvicorn protocol object that serves the
+connection (`websocket._send` is its bound `asgi_send`) and uses its own keepalive ping: the
+sans-I/O implementation's `send_keepalive_ping` / `pending_ping_payload` (cleared when the
+matching pong arrives), or the legacy websockets implementation's public `ping()`. Both are
+uvicorn internals, kept in this module alone; tests/server/test_stale_connections.py fails
+loudly if uvicorn changes them. With another implementation the probe answers None (unknown),
+and callers treat the connection as alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+POLL_SECONDS = 0.02
+STALE_SECONDS = 2.0
+"""How long a connection whose id a newcomer claims has to answer a ping."""
+
+
+def _protocol(websocket: WebSocket) -> Any:
+    return getattr(getattr(websocket, "_send", None), "__self__", None)
+
+
+async def probe(websocket: WebSocket, within: float) -> bool | None:
+    """True if a pong comes back within `within` seconds, False if not (or the transport is gone),
+    None if this server's WebSocket implementation cannot be probed."""
+    protocol = _protocol(websocket)
+    if protocol is None:
+        return None
+    transport = getattr(protocol, "transport", None)
+    if transport is not None and transport.is_closing():
+        return False
+    if hasattr(protocol, "send_keepalive_ping") and hasattr(protocol, "pending_ping_payload"):
+        return await _probe_sansio(protocol, within)
+    ping = getattr(protocol, "ping", None)
+    if callable(ping):
+        try:
+            waiter = await ping()
+            async with asyncio.timeout(within):
+                await waiter
+        except TimeoutError:
+            return False
+        except Exception:  # noqa: BLE001 - any failure to ping a socket means it is not answering
+            return False
+        return True
+    return None
+
+
+async def _probe_sansio(protocol: Any, within: float) -> bool:
+    if protocol.pending_ping_payload is None:
+        # Replace the scheduled keepalive ping by one now: its pong schedules the next one, so
+        # the keepalive chain stays single.
+        timer = getattr(protocol, "ping_timer", None)
+        if timer is not None:
+            timer.cancel()
+            protocol.ping_timer = None
+        with contextlib.suppress(Exception):
+            protocol.send_keepalive_ping()
+        if protocol.pending_ping_payload is None:
+            return not protocol.transport.is_closing()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while protocol.pending_ping_payload is not None:
+        if protocol.transport.is_closing():
+            return False
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(POLL_SECONDS)
+    return True
