@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from ccm.store.repository import (
     read_sessions,
 )
 from tests.server.support import AipClient, ServerThread
+from tests.support import wait_until
 
 SERVER_FIELDS = [
     "type",
@@ -63,18 +63,6 @@ ODD_SESSION_ID = "nightly@task_3/ü"
 def engine_of(server: ServerThread) -> Engine:
     engine: Engine = server.app.state.store.engine
     return engine
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10, what: str = "condition") -> Any:
-    """Poll `condition` (bounded) until it returns something truthy; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def session_rows(server: ServerThread, session_id: str) -> list[SessionRow]:

@@ -25,6 +25,7 @@ from ccm.server.ws import MAX_CONSECUTIVE_BAD_FRAMES
 from ccm.store.models import clients, connections
 from ccm.store.repository import ConnectionRow, SessionRow, read_connection_history, read_sessions
 from tests.server.support import API_KEY, AipClient, ServerThread, run, track
+from tests.support import wait_until
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {}, "tool_type": "action"}])
 
@@ -128,13 +129,6 @@ async def expect_close(client: AipClient) -> int:
         await client.recv()
     assert info.value.rcvd is not None, "the server did not send a close frame"
     return info.value.rcvd.code
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def sessions_in_sql(server: ServerThread, **filters: Any) -> list[SessionRow]:
@@ -245,7 +239,12 @@ def test_no_key_or_token_in_logs(server: ServerThread, caplog: pytest.LogCapture
             await http.get("/api/health", headers={"X-API-Key": API_KEY})
             await http.get("/api/health", headers={"X-API-Key": wrong})
         await device.close()
-        await wait_until(lambda: not server.registry.is_online("dev-logged"))
+        await asyncio.to_thread(
+            wait_until,
+            lambda: not server.registry.is_online("dev-logged"),
+            5,
+            "dev-logged to go offline",
+        )
 
     run(scenario())
     messages = [record.getMessage() for record in caplog.records]
@@ -1017,7 +1016,12 @@ class TestFrames:
             device = await connect_device(server, "dev-big")
             await device.send(type="heartbeat", client_id="dev-big", padding="x" * 70_000)
             assert await expect_close(device) == 1009
-            await wait_until(lambda: not server.registry.is_online("dev-big"))
+            await asyncio.to_thread(
+                wait_until,
+                lambda: not server.registry.is_online("dev-big"),
+                5,
+                "dev-big to go offline",
+            )
             (row,) = await connections_in_sql(server, "dev-big")
             assert row.disconnect_reason == "frame_too_large"
             assert row.disconnected_at is not None
@@ -1075,7 +1079,9 @@ class TestFrames:
             for _ in range(MAX_CONSECUTIVE_BAD_FRAMES):
                 assert (await device.recv())["type"] == "error"
             assert await expect_close(device) == 1007
-            await wait_until(lambda: not server.registry.is_online("dev-1"))
+            await asyncio.to_thread(
+                wait_until, lambda: not server.registry.is_online("dev-1"), 5, "dev-1 to go offline"
+            )
             (row,) = await connections_in_sql(server, "dev-1")
             assert row.disconnect_reason == "protocol_error"
 

@@ -21,7 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from ccm.store.engine import make_engine
 from ccm.store.models import clients, server_runs
 from ccm.store.repository import ConnectionRow, SessionRow, read_connection_history, read_sessions
-from tests.server.support import API_KEY, AipClient, free_port
+from tests.server.support import API_KEY, AipClient
+from tests.support import free_port
 
 CCM = Path(sys.executable).parent / "ccm"
 START_TIMEOUT = 30.0
