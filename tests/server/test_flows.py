@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
-from websockets.exceptions import ConnectionClosed
 
 from ccm.server.orchestrator import CONSTELLATION_GONE_ERROR, DEVICE_GONE_ERROR
 from ccm.server.runners import NO_RUNNER_ERROR
@@ -24,7 +23,7 @@ from ccm.store.repository import (
     read_connection_history,
     read_sessions,
 )
-from tests.server.support import AipClient, ServerThread
+from tests.server.support import AipClient, ServerThread, run, track
 from tests.support import wait_until
 
 SERVER_FIELDS = [
@@ -124,26 +123,19 @@ async def closed_with(client: AipClient, timeout: float = 10) -> tuple[int | Non
     return client.ws.close_code, client.ws.close_reason
 
 
-async def drain_until_closed(client: AipClient, timeout: float = 10) -> list[dict[str, Any]]:
-    """Every frame the client receives until the server closes the connection."""
-    frames: list[dict[str, Any]] = []
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        left = deadline - asyncio.get_running_loop().time()
-        try:
-            frames.append(await client.recv(max(left, 0.01)))
-        except ConnectionClosed:
-            return frames
+async def open_client(server: ServerThread) -> AipClient:
+    """A connected client, closed when the scenario `run` started ends."""
+    return track(await AipClient.connect(server.ws_url))
 
 
 async def device(server: ServerThread, client_id: str, **kwargs: Any) -> AipClient:
-    client = await AipClient.connect(server.ws_url)
+    client = await open_client(server)
     assert_ok_frame(await client.register_device(client_id, **SYSTEM_INFO, **kwargs))
     return client
 
 
 async def constellation(server: ServerThread, client_id: str, target_id: str | None) -> AipClient:
-    client = await AipClient.connect(server.ws_url)
+    client = await open_client(server)
     assert_ok_frame(await client.register_constellation(client_id, target_id))
     return client
 
@@ -205,34 +197,30 @@ class TestRegistration:
     def test_device_registration_is_confirmed_and_recorded(self, server: ServerThread) -> None:
         """A device's first frame back is a full heartbeat/ok; SQL has it online, then closed."""
 
-        async def scenario() -> dict[str, Any]:
-            client = await AipClient.connect(server.ws_url)
+        async def scenario() -> None:
+            client = await open_client(server)
             reply = await client.register_device("lab-pc-07", platform="windows", **SYSTEM_INFO)
+            assert_ok_frame(reply)
             online = client_row(server, "lab-pc-07")
             rows = connection_rows(server, "lab-pc-07")
-            await client.close()
-            return {"reply": reply, "online": online, "rows": rows}
+            assert online["client_type"] == "device"
+            assert online["platform"] == "windows"
+            assert online["online"] is True
+            assert online["system_info"] == {
+                "device_id": "lab-pc-07",
+                "platform": "windows",
+                **SYSTEM_INFO,
+            }
+            assert online["metadata"]["platform"] == "windows"
+            assert len(rows) == 1
+            assert online["current_connection_id"] == rows[0].connection_id
+            assert rows[0].client_type == "device"
+            assert rows[0].disconnected_at is None
+            assert rows[0].remote_address
+            assert rows[0].remote_address.startswith("127.0.0.1:")
+            assert rows[0].server_run_id == server.app.state.store.run_id
 
-        seen = asyncio.run(scenario())
-        assert_ok_frame(seen["reply"])
-        online, rows = seen["online"], seen["rows"]
-        assert online["client_type"] == "device"
-        assert online["platform"] == "windows"
-        assert online["online"] is True
-        assert online["system_info"] == {
-            "device_id": "lab-pc-07",
-            "platform": "windows",
-            **SYSTEM_INFO,
-        }
-        assert online["metadata"]["platform"] == "windows"
-        assert len(rows) == 1
-        assert online["current_connection_id"] == rows[0].connection_id
-        assert rows[0].client_type == "device"
-        assert rows[0].disconnected_at is None
-        assert rows[0].remote_address
-        assert rows[0].remote_address.startswith("127.0.0.1:")
-        assert rows[0].server_run_id == server.app.state.store.run_id
-
+        run(scenario())
         closed = closed_connection(server, "lab-pc-07")
         assert closed.disconnect_reason == "closed"
         after = client_row(server, "lab-pc-07")
@@ -243,15 +231,12 @@ class TestRegistration:
     ) -> None:
         """A constellation naming a live device is confirmed with a full heartbeat/ok."""
 
-        async def scenario() -> dict[str, Any]:
-            dev = await device(server, "lab-pc-07")
-            client = await AipClient.connect(server.ws_url)
-            reply = await client.register_constellation("nightly@lab-pc-07", "lab-pc-07")
-            await client.close()
-            await dev.close()
-            return reply
+        async def scenario() -> None:
+            await device(server, "lab-pc-07")
+            client = await open_client(server)
+            assert_ok_frame(await client.register_constellation("nightly@lab-pc-07", "lab-pc-07"))
 
-        assert_ok_frame(asyncio.run(scenario()))
+        run(scenario())
         row = client_row(server, "nightly@lab-pc-07")
         assert row["client_type"] == "constellation"
         assert row["metadata"] == {"type": "constellation_client"}
@@ -262,29 +247,27 @@ class TestRegistration:
     def test_constellation_for_absent_device_is_refused(self, server: ServerThread) -> None:
         """A constellation naming a device that is not live gets ERROR, then close 1008, no row."""
 
-        async def scenario() -> tuple[dict[str, Any], tuple[int | None, str | None]]:
-            client = await AipClient.connect(server.ws_url)
+        async def scenario() -> None:
+            client = await open_client(server)
             reply = await client.register_constellation("nightly@ghost", "ghost")
-            return reply, await closed_with(client)
+            assert_full_frame(reply)
+            assert (reply["type"], reply["status"]) == ("error", "error")
+            assert reply["error"] == "Target device 'ghost' is not connected"
+            code, _reason = await closed_with(client)
+            assert code == 1008
 
-        reply, (code, _reason) = asyncio.run(scenario())
-        assert_full_frame(reply)
-        assert (reply["type"], reply["status"]) == ("error", "error")
-        assert reply["error"] == "Target device 'ghost' is not connected"
-        assert code == 1008
+        run(scenario())
         assert connection_rows(server, "nightly@ghost") == []
 
     def test_heartbeat_is_acked(self, server: ServerThread) -> None:
         """A device HEARTBEAT gets heartbeat/ok without a session id."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07")
             await dev.send(type="heartbeat", client_id="lab-pc-07")
-            ack = await dev.recv()
-            await dev.close()
-            return ack
+            assert_ok_frame(await dev.recv())
 
-        assert_ok_frame(asyncio.run(scenario()))
+        run(scenario())
         assert closed_connection(server, "lab-pc-07").disconnect_reason == "closed"
 
     def test_constellation_heartbeat_claiming_device_role_is_acked(
@@ -292,8 +275,8 @@ class TestRegistration:
     ) -> None:
         """Decision D2: Galaxy's heartbeat says client_type "device"; it is acked, not refused."""
 
-        async def scenario() -> dict[str, Any]:
-            dev = await device(server, "lab-pc-07")
+        async def scenario() -> None:
+            await device(server, "lab-pc-07")
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await con.send(
                 type="heartbeat",
@@ -301,20 +284,17 @@ class TestRegistration:
                 client_id="nightly@lab-pc-07",
                 metadata={"device_id": "lab-pc-07"},
             )
-            ack = await con.recv()
-            await con.close()
-            await dev.close()
-            return ack
+            assert_ok_frame(await con.recv())
 
-        assert_ok_frame(asyncio.run(scenario()))
+        run(scenario())
         assert closed_connection(server, "nightly@lab-pc-07").disconnect_reason == "closed"
 
     def test_device_info_request_returns_system_info(self, server: ServerThread) -> None:
         """device_info_response echoes request_id as response_id and carries the system info."""
         request_id = "device_info_lab-pc-07_1777627862.125914"
 
-        async def scenario() -> dict[str, Any]:
-            dev = await device(server, "lab-pc-07")
+        async def scenario() -> None:
+            await device(server, "lab-pc-07")
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await con.send(
                 type="device_info_request",
@@ -324,16 +304,17 @@ class TestRegistration:
                 request_id=request_id,
             )
             reply = await con.recv()
-            await con.close()
-            await dev.close()
-            return reply
+            assert_full_frame(reply)
+            assert (reply["type"], reply["status"]) == ("device_info_response", "ok")
+            assert reply["response_id"] == request_id
+            assert reply["result"] == {
+                "device_id": "lab-pc-07",
+                "platform": "windows",
+                **SYSTEM_INFO,
+            }
+            assert reply["error"] is None
 
-        reply = asyncio.run(scenario())
-        assert_full_frame(reply)
-        assert (reply["type"], reply["status"]) == ("device_info_response", "ok")
-        assert reply["response_id"] == request_id
-        assert reply["result"] == {"device_id": "lab-pc-07", "platform": "windows", **SYSTEM_INFO}
-        assert reply["error"] is None
+        run(scenario())
 
     def test_device_info_for_unknown_device_is_an_error_response(
         self, server_factory: Callable[..., ServerThread]
@@ -341,7 +322,7 @@ class TestRegistration:
         """An unknown device gets status "error" and result {"error": ...}, response_id echoed."""
         server = server_factory(**{"server.allow_unscoped_constellations": True})
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             con = await constellation(server, "nightly", None)
             await con.send(
                 type="device_info_request",
@@ -351,15 +332,13 @@ class TestRegistration:
                 request_id="req-ghost",
             )
             reply = await con.recv()
-            await con.close()
-            return reply
+            assert_full_frame(reply)
+            assert (reply["type"], reply["status"]) == ("device_info_response", "error")
+            assert reply["response_id"] == "req-ghost"
+            assert set(reply["result"]) == {"error"}
+            assert "ghost" in reply["result"]["error"]
 
-        reply = asyncio.run(scenario())
-        assert_full_frame(reply)
-        assert (reply["type"], reply["status"]) == ("device_info_response", "error")
-        assert reply["response_id"] == "req-ghost"
-        assert set(reply["result"]) == {"error"}
-        assert "ghost" in reply["result"]["error"]
+        run(scenario())
         assert closed_connection(server, "nightly").disconnect_reason == "closed"
 
 
@@ -370,12 +349,17 @@ def test_relay_task_round_trip(server: ServerThread) -> None:
     """TASK -> ACK -> task to the device -> device task_end -> task_end to both, same session id."""
     result = {"summary": "exported", "path": "C:\\Reports\\Q3.pdf", "ünïcode": True}
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07", relay=True)
         con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
         await send_task(con, "lab-pc-07", ODD_SESSION_ID, "Export Q3.", "galaxy/nightly/task_3")
-        ack = await con.recv()
+        assert_ok_frame(await con.recv(), ODD_SESSION_ID)
         assignment = await dev.recv()
+        assert_full_frame(assignment)
+        assert (assignment["type"], assignment["status"]) == ("task", "continue")
+        assert assignment["session_id"] == ODD_SESSION_ID
+        assert assignment["user_request"] == "Export Q3."
+        assert assignment["task_name"] == "galaxy_nightly_task_3"
         assert server.registry.session_count() == 1
         await dev.send(
             type="task_end",
@@ -385,28 +369,15 @@ def test_relay_task_round_trip(server: ServerThread) -> None:
             metadata={"result": result},
         )
         end = await con.recv()
-        copy = await dev.recv()
-        await con.close()
-        await dev.close()
-        return {"ack": ack, "assignment": assignment, "end": end, "copy": copy}
+        assert_full_frame(end)
+        assert (end["type"], end["status"]) == ("task_end", "completed")
+        assert end["session_id"] == ODD_SESSION_ID
+        assert end["result"] == result
+        assert end["error"] is None
+        assert await dev.recv() == end
 
-    seen = asyncio.run(scenario())
-    assert_ok_frame(seen["ack"], ODD_SESSION_ID)
-    assignment = seen["assignment"]
-    assert_full_frame(assignment)
-    assert (assignment["type"], assignment["status"]) == ("task", "continue")
-    assert assignment["session_id"] == ODD_SESSION_ID
-    assert assignment["user_request"] == "Export Q3."
-    assert assignment["task_name"] == "galaxy_nightly_task_3"
-    end = seen["end"]
-    assert_full_frame(end)
-    assert (end["type"], end["status"]) == ("task_end", "completed")
-    assert end["session_id"] == ODD_SESSION_ID
-    assert end["result"] == result
-    assert end["error"] is None
-    assert seen["copy"] == end
+    run(scenario())
     assert server.registry.session_count() == 0
-
     row = one_session(server, ODD_SESSION_ID)
     assert (row.state, row.reason, row.mode, row.origin) == (
         "completed",
@@ -438,7 +409,7 @@ def test_relay_task_end_from_another_device_is_refused(server: ServerThread) -> 
             session_id="nightly@task_1",
             metadata={"result": "forged"},
         )
-        refusal = await other.recv()
+        assert (await other.recv())["type"] == "error"
         await dev.send(
             type="task_end",
             status="failed",
@@ -448,23 +419,19 @@ def test_relay_task_end_from_another_device_is_refused(server: ServerThread) -> 
             action_results=[{"status": "failure", "error": "could not"}],
         )
         end = await con.recv()
-        for client in (con, dev, other):
-            await client.close()
-        return {"refusal": refusal, "end": end}
+        assert (end["type"], end["status"], end["error"]) == ("task_end", "failed", "could not")
+        assert end["result"] == [
+            {
+                "status": "failure",
+                "error": "could not",
+                "result": None,
+                "namespace": None,
+                "call_id": None,
+            }
+        ]
+        return end
 
-    seen = asyncio.run(scenario())
-    assert seen["refusal"]["type"] == "error"
-    end = seen["end"]
-    assert (end["type"], end["status"], end["error"]) == ("task_end", "failed", "could not")
-    assert end["result"] == [
-        {
-            "status": "failure",
-            "error": "could not",
-            "result": None,
-            "namespace": None,
-            "call_id": None,
-        }
-    ]
+    end = run(scenario())
     row = one_session(server, "nightly@task_1")
     assert (row.state, row.reason, row.error) == ("failed", "task_failed", "could not")
     assert row.result == end["result"]
@@ -481,50 +448,45 @@ class TestToolPlan:
             dev = await device(server, "linux-01", platform="linux")
             con = await constellation(server, "nightly@linux-01", "linux-01")
             await send_task(con, "linux-01", ODD_SESSION_ID, plan(LIST_TOOLS, CLICK), "a/b\\c")
-            ack = await con.recv()
+            assert_ok_frame(await con.recv(), ODD_SESSION_ID)
             first = await dev.recv()
             await answer_command(dev, first, [success([{"tool_name": "click_input"}])])
             second = await dev.recv()
             await answer_command(dev, second, [success("Clicked.", "AppUIExecutor")])
+            call_ids = []
+            for command, call in zip([first, second], [LIST_TOOLS, CLICK], strict=True):
+                assert_full_frame(command)
+                assert (command["type"], command["status"]) == ("command", "continue")
+                assert command["agent_name"] == "LinuxAgent"
+                assert (command["process_name"], command["root_name"]) == (None, None)
+                assert command["session_id"] == ODD_SESSION_ID
+                assert command["task_name"] == "a_b_c"
+                [action] = command["actions"]
+                assert {k: action[k] for k in ("tool_name", "parameters", "tool_type")} == call
+                assert action["call_id"]
+                call_ids.append(action["call_id"])
+            assert len(set(call_ids)) == 2
+            assert first["response_id"] != second["response_id"]
+
             end = await con.recv()
-            copy = await dev.recv()
-            await con.close()
-            await dev.close()
-            return {"ack": ack, "commands": [first, second], "end": end, "copy": copy}
+            assert (end["type"], end["status"], end["error"]) == ("task_end", "completed", None)
+            assert end["session_id"] == ODD_SESSION_ID
+            assert end["result"] == [
+                {
+                    "tool_name": "list_tools",
+                    **success([{"tool_name": "click_input"}]),
+                    "call_id": call_ids[0],
+                },
+                {
+                    "tool_name": "click_input",
+                    **success("Clicked.", "AppUIExecutor"),
+                    "call_id": call_ids[1],
+                },
+            ]
+            assert await dev.recv() == end
+            return end
 
-        seen = asyncio.run(scenario())
-        assert_ok_frame(seen["ack"], ODD_SESSION_ID)
-        call_ids = []
-        for command, call in zip(seen["commands"], [LIST_TOOLS, CLICK], strict=True):
-            assert_full_frame(command)
-            assert (command["type"], command["status"]) == ("command", "continue")
-            assert command["agent_name"] == "LinuxAgent"
-            assert (command["process_name"], command["root_name"]) == (None, None)
-            assert command["session_id"] == ODD_SESSION_ID
-            assert command["task_name"] == "a_b_c"
-            [action] = command["actions"]
-            assert {k: action[k] for k in ("tool_name", "parameters", "tool_type")} == call
-            assert action["call_id"]
-            call_ids.append(action["call_id"])
-        assert len(set(call_ids)) == 2
-        assert seen["commands"][0]["response_id"] != seen["commands"][1]["response_id"]
-
-        end = seen["end"]
-        assert (end["type"], end["status"], end["error"]) == ("task_end", "completed", None)
-        assert end["session_id"] == ODD_SESSION_ID
-        assert end["result"] == [
-            {
-                "tool_name": "list_tools",
-                **success([{"tool_name": "click_input"}]),
-                "call_id": call_ids[0],
-            },
-            {
-                "tool_name": "click_input",
-                **success("Clicked.", "AppUIExecutor"),
-                "call_id": call_ids[1],
-            },
-        ]
-        assert seen["copy"] == end
+        end = run(scenario())
         assert server.registry.session_count() == 0
         row = one_session(server, ODD_SESSION_ID)
         assert (row.state, row.reason, row.mode) == ("completed", None, "agent")
@@ -538,42 +500,36 @@ class TestToolPlan:
             {"agent_name": "AppAgent", "root_name": "WINWORD.EXE", "tools": [[LIST_TOOLS, CLICK]]}
         )
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07")
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", "nightly@task_9", request)
             await con.recv()  # ACK
             command = await dev.recv()
+            assert (command["agent_name"], command["root_name"]) == ("AppAgent", "WINWORD.EXE")
+            assert [a["tool_name"] for a in command["actions"]] == ["list_tools", "click_input"]
             await answer_command(dev, command, [success("tools"), success("Clicked.")])
             end = await con.recv()
-            await con.close()
-            await dev.close()
-            return {"command": command, "end": end}
+            assert end["status"] == "completed"
+            assert [r["tool_name"] for r in end["result"]] == ["list_tools", "click_input"]
 
-        seen = asyncio.run(scenario())
-        command = seen["command"]
-        assert (command["agent_name"], command["root_name"]) == ("AppAgent", "WINWORD.EXE")
-        assert [a["tool_name"] for a in command["actions"]] == ["list_tools", "click_input"]
-        assert seen["end"]["status"] == "completed"
-        assert [r["tool_name"] for r in seen["end"]["result"]] == ["list_tools", "click_input"]
+        run(scenario())
         assert one_session(server, "nightly@task_9").state == "completed"
 
     def test_default_agent_for_windows_is_host_agent(self, server: ServerThread) -> None:
         """Without agent_name, a Windows device is driven as HostAgent."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07", platform="windows")
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", "nightly@task_2", plan(CLICK))
             await con.recv()  # ACK
             command = await dev.recv()
+            assert command["agent_name"] == "HostAgent"
             await answer_command(dev, command, [success("Clicked.")])
             await con.recv_type("task_end")
-            await con.close()
-            await dev.close()
-            return command
 
-        assert asyncio.run(scenario())["agent_name"] == "HostAgent"
+        run(scenario())
         assert one_session(server, "nightly@task_2").state == "completed"
 
     def test_failing_tool_fails_the_session(self, server: ServerThread) -> None:
@@ -593,27 +549,24 @@ class TestToolPlan:
             }
             await answer_command(dev, command, [failure])
             end = await con.recv()
-            copy = await dev.recv()
-            await con.close()
-            await dev.close()
-            return {"end": end, "copy": copy, "call_id": command["actions"][0]["call_id"]}
+            assert (end["type"], end["status"]) == ("task_end", "failed")
+            assert end["session_id"] == "nightly@task_4"
+            assert end["error"] == "tool call failed: no such control"
+            assert end["result"] == [
+                {
+                    "tool_name": "click_input",
+                    "status": "failure",
+                    "error": "no such control",
+                    "result": None,
+                    "namespace": None,
+                    "call_id": command["actions"][0]["call_id"],
+                }
+            ]
+            # The second step never ran: no further COMMAND came before the copy of the end.
+            assert await dev.recv() == end
+            return end
 
-        seen = asyncio.run(scenario())
-        end = seen["end"]
-        assert (end["type"], end["status"]) == ("task_end", "failed")
-        assert end["session_id"] == "nightly@task_4"
-        assert end["error"] == "tool call failed: no such control"
-        assert end["result"] == [
-            {
-                "tool_name": "click_input",
-                "status": "failure",
-                "error": "no such control",
-                "result": None,
-                "namespace": None,
-                "call_id": seen["call_id"],
-            }
-        ]
-        assert seen["copy"] == end  # the second step never ran: no further COMMAND came first
+        end = run(scenario())
         row = one_session(server, "nightly@task_4")
         assert (row.state, row.reason, row.error) == ("failed", "task_failed", end["error"])
         assert row.result == end["result"]
@@ -623,56 +576,49 @@ class TestToolPlan:
     ) -> None:
         """A device that never answers a COMMAND fails the session after server.command_timeout."""
         server = server_factory(**{"server.command_timeout": "1s"})
+        error = "device did not answer the command within 1 s"
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07")
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", "nightly@task_5", plan(CLICK))
             await con.recv()  # ACK
             command = await dev.recv()
             end = await con.recv(timeout=10)
-            copy = await dev.recv()
+            assert (end["type"], end["status"]) == ("task_end", "failed")
+            assert end["error"] == error
+            assert end["result"] == []
+            assert await dev.recv() == end
             # A late answer finds nothing waiting and changes nothing.
             await answer_command(dev, command, [success("late")])
-            late = await dev.recv()
-            await con.close()
-            await dev.close()
-            return {"end": end, "copy": copy, "late": late}
+            assert (await dev.recv())["type"] == "error"
 
-        seen = asyncio.run(scenario())
-        end = seen["end"]
-        assert (end["type"], end["status"]) == ("task_end", "failed")
-        assert end["error"] == "device did not answer the command within 1 s"
-        assert end["result"] == []
-        assert seen["copy"] == end
-        assert seen["late"]["type"] == "error"
+        run(scenario())
         row = one_session(server, "nightly@task_5")
-        assert (row.state, row.reason, row.error) == ("failed", "task_failed", end["error"])
+        assert (row.state, row.reason, row.error) == ("failed", "task_failed", error)
 
 
 def test_natural_language_task_without_runner_fails_at_once(server: ServerThread) -> None:
     """Decision D3: no runner for natural language -> ACK, then task_end failed saying so."""
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07")
         con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
         await send_task(con, "lab-pc-07", ODD_SESSION_ID, "Open the Q3 report in Excel.")
-        ack = await con.recv()
+        assert_ok_frame(await con.recv(), ODD_SESSION_ID)
         end = await con.recv()
-        copy = await dev.recv()
-        await con.close()
-        await dev.close()
-        return {"ack": ack, "end": end, "copy": copy}
+        assert_full_frame(end)
+        assert (end["type"], end["status"], end["session_id"]) == (
+            "task_end",
+            "failed",
+            ODD_SESSION_ID,
+        )
+        assert end["error"] == NO_RUNNER_ERROR
+        assert "no runner is configured" in end["error"]
+        assert end["result"] is None
+        assert await dev.recv() == end  # the device got no COMMAND, only the copy of the end
 
-    seen = asyncio.run(scenario())
-    assert_ok_frame(seen["ack"], ODD_SESSION_ID)
-    end = seen["end"]
-    assert_full_frame(end)
-    assert (end["type"], end["status"], end["session_id"]) == ("task_end", "failed", ODD_SESSION_ID)
-    assert end["error"] == NO_RUNNER_ERROR
-    assert "no runner is configured" in end["error"]
-    assert end["result"] is None
-    assert seen["copy"] == end  # the device got no COMMAND, only the copy of the end
+    run(scenario())
     assert server.registry.session_count() == 0
     row = one_session(server, ODD_SESSION_ID)
     assert (row.state, row.reason, row.mode) == ("failed", "no_runner", "agent")
@@ -688,7 +634,7 @@ class TestDeviceTask:
     ) -> None:
         """A device TASK with session_id null gets an ACK with a fresh id, COMMANDs, a task_end."""
 
-        async def scenario() -> list[dict[str, Any]]:
+        async def scenario() -> str:
             dev = await device(server, "lab-pc-07")
             await dev.send(
                 type="task",
@@ -701,23 +647,22 @@ class TestDeviceTask:
                 metadata={"platform": "windows"},
             )
             ack = await dev.recv()
+            assert (ack["type"], ack["status"]) == ("heartbeat", "ok")
+            session_id: str = ack["session_id"]
+            assert uuid.UUID(session_id)
             command = await dev.recv()
+            assert (command["type"], command["session_id"]) == ("command", session_id)
+            assert command["task_name"] == "weekly-cleanup"
             await answer_command(dev, command, [success("Clicked.")])
             end = await dev.recv()
-            await dev.close()
-            return [ack, command, end]
+            assert (end["type"], end["status"], end["session_id"]) == (
+                "task_end",
+                "completed",
+                session_id,
+            )
+            return session_id
 
-        ack, command, end = asyncio.run(scenario())
-        assert (ack["type"], ack["status"]) == ("heartbeat", "ok")
-        session_id = ack["session_id"]
-        assert uuid.UUID(session_id)
-        assert (command["type"], command["session_id"]) == ("command", session_id)
-        assert command["task_name"] == "weekly-cleanup"
-        assert (end["type"], end["status"], end["session_id"]) == (
-            "task_end",
-            "completed",
-            session_id,
-        )
+        session_id = run(scenario())
         row = one_session(server, session_id)
         assert (row.state, row.origin, row.mode) == ("completed", "device", "agent")
         assert (row.constellation_id, row.device_id) == (None, "lab-pc-07")
@@ -725,7 +670,7 @@ class TestDeviceTask:
     def test_bounced_task_from_relay_device_is_never_reassigned(self, server: ServerThread) -> None:
         """A relay device bouncing a task gets ACK and task_end failed (no runner), never a task."""
 
-        async def scenario() -> list[dict[str, Any]]:
+        async def scenario() -> str:
             dev = await device(server, "lab-pc-07", relay=True)
             await dev.send(
                 type="task",
@@ -736,20 +681,23 @@ class TestDeviceTask:
                 request="Empty the recycle bin.",
                 metadata={"platform": "windows"},
             )
-            frames = [await dev.recv(), await dev.recv()]
+            ack = await dev.recv()
+            session_id: str = ack["session_id"]
+            assert_ok_frame(ack, session_id)
+            assert uuid.UUID(session_id)
+            end = await dev.recv()
+            assert (end["type"], end["status"], end["session_id"]) == (
+                "task_end",
+                "failed",
+                session_id,
+            )
+            assert end["error"] == NO_RUNNER_ERROR
             # A heartbeat round trip proves nothing else (a task assignment) was queued meanwhile.
             await dev.send(type="heartbeat", client_id="lab-pc-07")
-            frames.append(await dev.recv())
-            await dev.close()
-            return frames
+            assert_ok_frame(await dev.recv())
+            return session_id
 
-        ack, end, heartbeat_ack = asyncio.run(scenario())
-        assert_ok_frame(heartbeat_ack)
-        session_id = ack["session_id"]
-        assert_ok_frame(ack, session_id)
-        assert uuid.UUID(session_id)
-        assert (end["type"], end["status"], end["session_id"]) == ("task_end", "failed", session_id)
-        assert end["error"] == NO_RUNNER_ERROR
+        session_id = run(scenario())
         row = one_session(server, session_id)
         assert (row.state, row.reason, row.origin, row.mode) == (
             "failed",
@@ -765,14 +713,24 @@ class TestDeviceTask:
 def test_task_with_running_session_id_is_refused(server: ServerThread) -> None:
     """A second TASK naming a running session gets ERROR + task_end failed; the first runs on."""
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07", relay=True)
         con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
         await send_task(con, "lab-pc-07", ODD_SESSION_ID, "First.")
-        ack = await con.recv()
+        assert_ok_frame(await con.recv(), ODD_SESSION_ID)
         await dev.recv()  # the task
         await send_task(con, "lab-pc-07", ODD_SESSION_ID, "Second.")
-        error, refused_end = await con.recv(), await con.recv()
+        error = await con.recv()
+        assert_full_frame(error)
+        assert (error["type"], error["status"], error["session_id"]) == ("error", "error", None)
+        assert "already running" in error["error"]
+        refused = await con.recv()
+        assert (refused["type"], refused["status"]) == ("task_end", "failed")
+        assert (refused["session_id"], refused["error"], refused["result"]) == (
+            ODD_SESSION_ID,
+            error["error"],
+            None,
+        )
         await dev.send(
             type="task_end",
             status="completed",
@@ -781,29 +739,13 @@ def test_task_with_running_session_id_is_refused(server: ServerThread) -> None:
             metadata={"result": "first done"},
         )
         end = await con.recv()
-        await con.close()
-        await dev.close()
-        return {"ack": ack, "error": error, "refused_end": refused_end, "end": end}
+        assert (end["status"], end["session_id"], end["result"]) == (
+            "completed",
+            ODD_SESSION_ID,
+            "first done",
+        )
 
-    seen = asyncio.run(scenario())
-    assert_ok_frame(seen["ack"], ODD_SESSION_ID)
-    error = seen["error"]
-    assert_full_frame(error)
-    assert (error["type"], error["status"], error["session_id"]) == ("error", "error", None)
-    assert "already running" in error["error"]
-    refused = seen["refused_end"]
-    assert (refused["type"], refused["status"]) == ("task_end", "failed")
-    assert (refused["session_id"], refused["error"], refused["result"]) == (
-        ODD_SESSION_ID,
-        error["error"],
-        None,
-    )
-    end = seen["end"]
-    assert (end["status"], end["session_id"], end["result"]) == (
-        "completed",
-        ODD_SESSION_ID,
-        "first done",
-    )
+    run(scenario())
     row = one_session(server, ODD_SESSION_ID)  # the refused TASK left no row
     assert (row.state, row.request, row.result) == ("completed", "First.", "first done")
 
@@ -811,7 +753,7 @@ def test_task_with_running_session_id_is_refused(server: ServerThread) -> None:
 def test_task_with_session_id_of_another_owner_is_refused(server: ServerThread) -> None:
     """Another constellation naming a live session is refused; only it is told, the owner's runs."""
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07", relay=True)
         owner = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
         intruder = await constellation(server, "other@lab-pc-07", "lab-pc-07")
@@ -819,7 +761,14 @@ def test_task_with_session_id_of_another_owner_is_refused(server: ServerThread) 
         await owner.recv()  # ACK
         await dev.recv()  # the task
         await send_task(intruder, "lab-pc-07", "nightly@task_3", "Steal.")
-        refusal = [await intruder.recv(), await intruder.recv()]
+        error, refused_end = await intruder.recv(), await intruder.recv()
+        assert error["type"] == "error"
+        assert error["error"] == "session_id 'nightly@task_3' is owned by another client"
+        assert (refused_end["type"], refused_end["status"], refused_end["result"]) == (
+            "task_end",
+            "failed",
+            None,
+        )
         await dev.send(
             type="task_end",
             status="completed",
@@ -827,25 +776,12 @@ def test_task_with_session_id_of_another_owner_is_refused(server: ServerThread) 
             session_id="nightly@task_3",
             metadata={"result": "secret"},
         )
-        end = await owner.recv()
+        assert (await owner.recv())["result"] == "secret"
         # The intruder gets nothing more: its next frame is the ack of its own heartbeat.
         await intruder.send(type="heartbeat", client_id="other@lab-pc-07")
-        after = await intruder.recv()
-        for client in (owner, intruder, dev):
-            await client.close()
-        return {"refusal": refusal, "end": end, "after": after}
+        assert_ok_frame(await intruder.recv())
 
-    seen = asyncio.run(scenario())
-    error, refused_end = seen["refusal"]
-    assert error["type"] == "error"
-    assert error["error"] == "session_id 'nightly@task_3' is owned by another client"
-    assert (refused_end["type"], refused_end["status"], refused_end["result"]) == (
-        "task_end",
-        "failed",
-        None,
-    )
-    assert seen["end"]["result"] == "secret"
-    assert_ok_frame(seen["after"])
+    run(scenario())
     [row] = session_rows(server, "nightly@task_3")
     assert (row.constellation_id, row.state) == ("nightly@lab-pc-07", "completed")
 
@@ -863,23 +799,27 @@ def test_refused_task_gets_error_and_task_end_failed(
 ) -> None:
     """Decision D4: a refused TASK gets an ERROR and a task_end failed with its session id."""
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07")
-        other = await device(server, "lab-pc-08")
+        await device(server, "lab-pc-08")
         con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
         await dev.close()
-        wait_until(lambda: not server.registry.is_online("lab-pc-07"), what="device to leave")
+        await asyncio.to_thread(
+            wait_until, lambda: not server.registry.is_online("lab-pc-07"), what="device to leave"
+        )
         await send_task(con, target_id, ODD_SESSION_ID, plan(CLICK))
-        frames = [await con.recv(), await con.recv()]
-        await con.close()
-        await other.close()
-        return frames
+        refusal = await con.recv()
+        assert (refusal["type"], refusal["error"]) == ("error", error)
+        end = await con.recv()
+        assert_full_frame(end)
+        assert (end["type"], end["status"], end["session_id"]) == (
+            "task_end",
+            "failed",
+            ODD_SESSION_ID,
+        )
+        assert (end["error"], end["result"]) == (error, None)
 
-    refusal, end = asyncio.run(scenario())
-    assert (refusal["type"], refusal["error"]) == ("error", error)
-    assert_full_frame(end)
-    assert (end["type"], end["status"], end["session_id"]) == ("task_end", "failed", ODD_SESSION_ID)
-    assert (end["error"], end["result"]) == (error, None)
+    run(scenario())
     assert session_rows(server, ODD_SESSION_ID) == []
     assert server.registry.session_count() == 0
 
@@ -887,7 +827,7 @@ def test_refused_task_gets_error_and_task_end_failed(
 def test_finished_session_id_may_run_again_as_a_new_row(server: ServerThread) -> None:
     """Once a session has ended its id may be sent again: a second run, a second row."""
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07", relay=True)
         con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
         ends = []
@@ -904,12 +844,9 @@ def test_finished_session_id_may_run_again_as_a_new_row(server: ServerThread) ->
             )
             ends.append(await con.recv())
             await dev.recv()  # the copy
-        await con.close()
-        await dev.close()
-        return ends
+        assert [e["result"] for e in ends] == ["first", "second"]
 
-    ends = asyncio.run(scenario())
-    assert [e["result"] for e in ends] == ["first", "second"]
+    run(scenario())
     rows = session_rows(server, ODD_SESSION_ID)
     assert sorted((r.request, r.state, r.result) for r in rows) == [
         ("first", "completed", "first"),
@@ -927,7 +864,7 @@ class TestDisconnect:
     ) -> None:
         """Constellation closes: its session is cancelled and the device gets task_end failed."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07", relay=True)
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", ODD_SESSION_ID, "Long job.")
@@ -935,16 +872,14 @@ class TestDisconnect:
             await dev.recv()  # the task
             await con.close()
             end = await dev.recv()
-            await dev.close()
-            return end
+            assert (end["type"], end["status"], end["session_id"]) == (
+                "task_end",
+                "failed",
+                ODD_SESSION_ID,
+            )
+            assert end["error"] == CONSTELLATION_GONE_ERROR
 
-        end = asyncio.run(scenario())
-        assert (end["type"], end["status"], end["session_id"]) == (
-            "task_end",
-            "failed",
-            ODD_SESSION_ID,
-        )
-        assert end["error"] == CONSTELLATION_GONE_ERROR
+        run(scenario())
         assert server.registry.session_count() == 0
         row = one_session(server, ODD_SESSION_ID)
         assert (row.state, row.reason) == ("cancelled", "constellation_disconnected")
@@ -955,7 +890,7 @@ class TestDisconnect:
     def test_device_gone_fails_sessions_and_tells_constellation(self, server: ServerThread) -> None:
         """Device closes: its session fails (device_disconnected), the constellation is told."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07", relay=True)
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", ODD_SESSION_ID, "Long job.")
@@ -963,16 +898,14 @@ class TestDisconnect:
             await dev.recv()  # the task
             await dev.close()
             end = await con.recv()
-            await con.close()
-            return end
+            assert (end["type"], end["status"], end["session_id"]) == (
+                "task_end",
+                "failed",
+                ODD_SESSION_ID,
+            )
+            assert end["error"] == DEVICE_GONE_ERROR
 
-        end = asyncio.run(scenario())
-        assert (end["type"], end["status"], end["session_id"]) == (
-            "task_end",
-            "failed",
-            ODD_SESSION_ID,
-        )
-        assert end["error"] == DEVICE_GONE_ERROR
+        run(scenario())
         assert server.registry.session_count() == 0
         row = one_session(server, ODD_SESSION_ID)
         assert (row.state, row.reason, row.error) == (
@@ -988,7 +921,7 @@ class TestDisconnect:
     ) -> None:
         """A device whose TCP connection just drops is recorded as connection_lost."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07", relay=True)
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", "nightly@task_11", "Long job.")
@@ -996,11 +929,9 @@ class TestDisconnect:
             await dev.recv()  # the task
             dev.ws.transport.abort()
             end = await con.recv()
-            await con.close()
-            return end
+            assert (end["status"], end["error"]) == ("failed", DEVICE_GONE_ERROR)
 
-        end = asyncio.run(scenario())
-        assert (end["status"], end["error"]) == ("failed", DEVICE_GONE_ERROR)
+        run(scenario())
         assert closed_connection(server, "lab-pc-07").disconnect_reason == "connection_lost"
         row = one_session(server, "nightly@task_11")
         assert (row.state, row.reason) == ("failed", "device_disconnected")
@@ -1008,7 +939,7 @@ class TestDisconnect:
     def test_device_gone_during_command_fails_agent_session(self, server: ServerThread) -> None:
         """A device that leaves while a COMMAND waits ends the session as device_disconnected."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             dev = await device(server, "lab-pc-07")
             con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
             await send_task(con, "lab-pc-07", "nightly@task_6", plan(CLICK))
@@ -1016,11 +947,9 @@ class TestDisconnect:
             await dev.recv()  # the COMMAND, never answered
             await dev.close()
             end = await con.recv()
-            await con.close()
-            return end
+            assert (end["status"], end["error"]) == ("failed", DEVICE_GONE_ERROR)
 
-        end = asyncio.run(scenario())
-        assert (end["status"], end["error"]) == ("failed", DEVICE_GONE_ERROR)
+        run(scenario())
         row = one_session(server, "nightly@task_6")
         assert (row.state, row.reason) == ("failed", "device_disconnected")
 
@@ -1040,7 +969,7 @@ class TestDisconnect:
                 await dev.recv()  # the task
             await asyncio.gather(con.close(), dev.close())
 
-        asyncio.run(scenario())
+        run(scenario())
         assert closed_connection(server, "lab-pc-07").disconnect_reason == "closed"
         assert closed_connection(server, "nightly@lab-pc-07").disconnect_reason == "closed"
         wait_until(lambda: server.registry.session_count() == 0, what="sessions to end")
@@ -1067,7 +996,7 @@ def test_silent_client_is_closed_on_heartbeat_timeout(
     """Silence for 1.5x server.heartbeat_interval closes the client; its sessions fail as gone."""
     server = server_factory(**{"server.heartbeat_interval": "1s"})
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> None:
         dev = await device(server, "lab-pc-07", relay=True)
         con = await constellation(server, "nightly@lab-pc-07", "lab-pc-07")
 
@@ -1085,19 +1014,15 @@ def test_silent_client_is_closed_on_heartbeat_timeout(
             end = await con.recv_type("task_end", timeout=10)
         finally:
             beating.cancel()
-        still_open = con.ws.close_code is None
-        await con.close()
-        return {"code": code, "reason": reason, "end": end, "still_open": still_open}
+        assert (code, reason) == (1008, "heartbeat_timeout")
+        assert con.ws.close_code is None  # the constellation kept heartbeating and was not closed
+        assert (end["status"], end["session_id"], end["error"]) == (
+            "failed",
+            "nightly@task_10",
+            DEVICE_GONE_ERROR,
+        )
 
-    seen = asyncio.run(scenario())
-    assert (seen["code"], seen["reason"]) == (1008, "heartbeat_timeout")
-    assert seen["still_open"]  # the constellation kept heartbeating and was not closed
-    end = seen["end"]
-    assert (end["status"], end["session_id"], end["error"]) == (
-        "failed",
-        "nightly@task_10",
-        DEVICE_GONE_ERROR,
-    )
+    run(scenario())
     assert closed_connection(server, "lab-pc-07").disconnect_reason == "heartbeat_timeout"
     row = one_session(server, "nightly@task_10")
     assert (row.state, row.reason) == ("failed", "device_disconnected")
@@ -1113,25 +1038,20 @@ class TestDuplicateClientId:
     ) -> None:
         """Default policy: the newcomer gets ERROR then close 1008; the live client is untouched."""
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             first = await device(server, "lab-pc-07")
-            second = await AipClient.connect(server.ws_url)
+            second = await open_client(server)
             refusal = await second.register_device("lab-pc-07")
+            assert_full_frame(refusal)
+            assert (refusal["type"], refusal["status"]) == ("error", "error")
+            assert "already registered" in refusal["error"]
             code, _reason = await closed_with(second)
+            assert code == 1008
             await first.send(type="heartbeat", client_id="lab-pc-07")
-            ack = await first.recv()
-            online = server.registry.is_online("lab-pc-07")
-            await first.close()
-            return {"refusal": refusal, "code": code, "ack": ack, "online": online}
+            assert_ok_frame(await first.recv())
+            assert server.registry.is_online("lab-pc-07")
 
-        seen = asyncio.run(scenario())
-        refusal = seen["refusal"]
-        assert_full_frame(refusal)
-        assert (refusal["type"], refusal["status"]) == ("error", "error")
-        assert "already registered" in refusal["error"]
-        assert seen["code"] == 1008
-        assert_ok_frame(seen["ack"])
-        assert seen["online"]
+        run(scenario())
         # Only the first connection has a row, and it ended when that client closed.
         assert closed_connection(server, "lab-pc-07").disconnect_reason == "closed"
 
@@ -1152,41 +1072,26 @@ class TestDuplicateClientId:
 
         hub.disconnect = recording_disconnect
 
-        async def scenario() -> dict[str, Any]:
+        async def scenario() -> None:
             old = await device(server, "lab-pc-07")
             old_epoch = server.registry.get_client_info("lab-pc-07").epoch
-            new = await AipClient.connect(server.ws_url)
-            confirmation = await new.register_device("lab-pc-07")
+            new = await open_client(server)
+            assert_ok_frame(await new.register_device("lab-pc-07"))
             code, reason = await closed_with(old)
+            assert (code, reason) == (1008, "replaced")
             await asyncio.to_thread(done.wait, 10)  # the old socket's own cleanup has run
+            assert finished[0] == (old_epoch, "replaced")
             await new.send(type="heartbeat", client_id="lab-pc-07")
-            ack = await new.recv()
+            assert_ok_frame(await new.recv())
             info = server.registry.get_client_info("lab-pc-07")
-            state = {"online": info is not None, "epoch": info.epoch if info else None}
-            rows = connection_rows(server, "lab-pc-07")
+            assert info is not None
+            assert info.epoch != old_epoch
+            old_row, new_row = connection_rows(server, "lab-pc-07")
+            assert old_row.disconnect_reason == "replaced"
+            assert old_row.disconnected_at is not None
+            assert new_row.disconnected_at is None
             row = client_row(server, "lab-pc-07")
-            await new.close()
-            return {
-                "confirmation": confirmation,
-                "code": code,
-                "reason": reason,
-                "old_epoch": old_epoch,
-                "ack": ack,
-                "state": state,
-                "rows": rows,
-                "client": row,
-            }
+            assert row["online"] is True
+            assert row["current_connection_id"] == new_row.connection_id
 
-        seen = asyncio.run(scenario())
-        assert_ok_frame(seen["confirmation"])
-        assert (seen["code"], seen["reason"]) == (1008, "replaced")
-        assert finished[0] == (seen["old_epoch"], "replaced")
-        assert_ok_frame(seen["ack"])
-        assert seen["state"]["online"]
-        assert seen["state"]["epoch"] != seen["old_epoch"]
-        old_row, new_row = seen["rows"]
-        assert old_row.disconnect_reason == "replaced"
-        assert old_row.disconnected_at is not None
-        assert new_row.disconnected_at is None
-        assert seen["client"]["online"] is True
-        assert seen["client"]["current_connection_id"] == new_row.connection_id
+        run(scenario())
