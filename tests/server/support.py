@@ -180,3 +180,8 @@ def track(client: AipClient) -> AipClient:
     """Close `client` when the scenario started by `run` ends, pass or fail."""
     _opened.get().append(client)
     return client
+
+
+async def open_client(server: ServerThread) -> AipClient:
+    """A client connected to `server`, closed when the scenario `run` started ends."""
+    return track(await AipClient.connect(server.ws_url))

@@ -12,183 +12,31 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
 
 from ccm.server.orchestrator import CONSTELLATION_GONE_ERROR, DEVICE_GONE_ERROR
 from ccm.server.runners import NO_RUNNER_ERROR
-from ccm.store.models import clients
-from ccm.store.repository import (
-    ConnectionRow,
-    SessionRow,
-    read_connection_history,
-    read_sessions,
+from tests.server.scenario import (
+    CLICK,
+    LIST_TOOLS,
+    ODD_SESSION_ID,
+    SYSTEM_INFO,
+    answer_command,
+    assert_full_frame,
+    assert_ok_frame,
+    client_row,
+    closed_connection,
+    closed_with,
+    connection_rows,
+    constellation,
+    device,
+    one_session,
+    plan,
+    send_task,
+    session_rows,
+    success,
 )
-from tests.server.support import AipClient, ServerThread, run, track
+from tests.server.support import ServerThread, open_client, run
 from tests.support import wait_until
-
-SERVER_FIELDS = [
-    "type",
-    "status",
-    "user_request",
-    "agent_name",
-    "process_name",
-    "root_name",
-    "actions",
-    "messages",
-    "error",
-    "session_id",
-    "task_name",
-    "timestamp",
-    "response_id",
-    "result",
-]
-SYSTEM_INFO: dict[str, Any] = {
-    "os_version": "10.0.22631",
-    "cpu_count": 16,
-    "memory_total_gb": 31.73,
-    "hostname": "LAB-PC-07",
-    "ip_address": "10.20.0.17",
-    "supported_features": ["gui", "cli"],
-    "platform_type": "computer",
-    "schema_version": "1.0",
-    "custom_metadata": {},
-}
-ODD_SESSION_ID = "nightly@task_3/ü"
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def engine_of(server: ServerThread) -> Engine:
-    engine: Engine = server.app.state.store.engine
-    return engine
-
-
-def session_rows(server: ServerThread, session_id: str) -> list[SessionRow]:
-    server.flush()
-    return read_sessions(engine_of(server), session_id=session_id)
-
-
-def one_session(server: ServerThread, session_id: str) -> SessionRow:
-    rows = session_rows(server, session_id)
-    assert len(rows) == 1, rows
-    return rows[0]
-
-
-def connection_rows(server: ServerThread, client_id: str) -> list[ConnectionRow]:
-    """Connections of a client, oldest first."""
-    server.flush()
-    return sorted(
-        read_connection_history(engine_of(server), client_id), key=lambda r: r.connected_at
-    )
-
-
-def closed_connection(server: ServerThread, client_id: str) -> ConnectionRow:
-    """The client's only connection row, once the server has recorded its end."""
-
-    def closed() -> ConnectionRow | None:
-        rows = connection_rows(server, client_id)
-        return rows[0] if len(rows) == 1 and rows[0].disconnected_at is not None else None
-
-    row: ConnectionRow = wait_until(closed, what=f"closed connection row of {client_id}")
-    return row
-
-
-def client_row(server: ServerThread, client_id: str) -> dict[str, Any]:
-    server.flush()
-    with engine_of(server).connect() as conn:
-        row = conn.execute(select(clients).where(clients.c.client_id == client_id)).one()
-    return dict(row._mapping)
-
-
-def assert_full_frame(message: dict[str, Any]) -> None:
-    """Every ServerMessage field is present, in UFO's order; the timestamp uses `+00:00`."""
-    assert list(message) == SERVER_FIELDS
-    assert message["timestamp"].endswith("+00:00")
-    assert message["response_id"]
-
-
-def assert_ok_frame(message: dict[str, Any], session_id: str | None = None) -> None:
-    """heartbeat/ok: confirmation, heartbeat ack or task ACK (decision D1); nothing else set."""
-    assert_full_frame(message)
-    assert (message["type"], message["status"]) == ("heartbeat", "ok")
-    assert message["session_id"] == session_id
-    unset = set(SERVER_FIELDS) - {"type", "status", "session_id", "timestamp", "response_id"}
-    assert {key: message[key] for key in unset} == dict.fromkeys(unset)
-
-
-async def closed_with(client: AipClient, timeout: float = 10) -> tuple[int | None, str | None]:
-    """Wait (bounded) until the server closes the socket; its close code and reason."""
-    await asyncio.wait_for(client.ws.wait_closed(), timeout)
-    return client.ws.close_code, client.ws.close_reason
-
-
-async def open_client(server: ServerThread) -> AipClient:
-    """A connected client, closed when the scenario `run` started ends."""
-    return track(await AipClient.connect(server.ws_url))
-
-
-async def device(server: ServerThread, client_id: str, **kwargs: Any) -> AipClient:
-    client = await open_client(server)
-    assert_ok_frame(await client.register_device(client_id, **SYSTEM_INFO, **kwargs))
-    return client
-
-
-async def constellation(server: ServerThread, client_id: str, target_id: str | None) -> AipClient:
-    client = await open_client(server)
-    assert_ok_frame(await client.register_constellation(client_id, target_id))
-    return client
-
-
-async def send_task(
-    client: AipClient, target_id: str, session_id: str, request: str, task_name: str = "task"
-) -> None:
-    await client.send(
-        type="task",
-        status="continue",
-        client_type="constellation",
-        client_id=client.client_id,
-        target_id=target_id,
-        session_id=session_id,
-        task_name=task_name,
-        request=request,
-    )
-
-
-async def answer_command(
-    client: AipClient, command: dict[str, Any], results: list[dict[str, Any]]
-) -> None:
-    """COMMAND_RESULTS as the stock device builds them: one Result per action, call_ids copied."""
-    action_results = [
-        {**result, "call_id": action["call_id"]}
-        for action, result in zip(command["actions"], results, strict=True)
-    ]
-    await client.send(
-        type="command_results",
-        status=command["status"],
-        client_id=client.client_id,
-        session_id=command["session_id"],
-        prev_response_id=command["response_id"],
-        action_results=action_results,
-        request_id=str(uuid.uuid4()),
-    )
-
-
-def success(result: Any, namespace: str = "UICollector") -> dict[str, Any]:
-    return {"status": "success", "error": None, "result": result, "namespace": namespace}
-
-
-def plan(*calls: dict[str, Any]) -> str:
-    return json.dumps(list(calls))
-
-
-LIST_TOOLS = {
-    "tool_name": "list_tools",
-    "parameters": {"tool_type": "action"},
-    "tool_type": "data_collection",
-}
-CLICK = {"tool_name": "click_input", "parameters": {"id": "12"}, "tool_type": "action"}
-
 
 # -- registration, heartbeat, device info -------------------------------------------------------
 

@@ -18,133 +18,28 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from sqlalchemy import Table, func, select
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from ccm.server.ws import MAX_CONSECUTIVE_BAD_FRAMES
 from ccm.store.models import clients, connections
-from ccm.store.repository import ConnectionRow, SessionRow, read_connection_history, read_sessions
-from tests.server.support import API_KEY, AipClient, ServerThread, run, track
+from tests.server.scenario import (
+    PLAN,
+    answer,
+    assert_quiet,
+    connect_constellation,
+    connect_device,
+    connections_in_sql,
+    count_rows,
+    expect_close,
+    expect_error,
+    expect_refused_task,
+    send_task,
+    sessions_in_sql,
+)
+from tests.server.support import API_KEY, AipClient, ServerThread, open_client, run
 from tests.support import wait_until
 
-PLAN = json.dumps([{"tool_name": "echo", "parameters": {}, "tool_type": "action"}])
-
-
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def open_client(server: ServerThread) -> AipClient:
-    client = await AipClient.connect(server.ws_url)
-    track(client)
-    return client
-
-
-async def connect_device(server: ServerThread, client_id: str, **kwargs: Any) -> AipClient:
-    client = await open_client(server)
-    reply = await client.register_device(client_id, **kwargs)
-    assert (reply["type"], reply["status"]) == ("heartbeat", "ok"), reply
-    return client
-
-
-async def connect_constellation(
-    server: ServerThread, client_id: str, target_id: str | None
-) -> AipClient:
-    client = await open_client(server)
-    reply = await client.register_constellation(client_id, target_id)
-    assert (reply["type"], reply["status"]) == ("heartbeat", "ok"), reply
-    return client
-
-
-async def send_task(
-    client: AipClient,
-    *,
-    target_id: str | None,
-    session_id: str | None,
-    request: str = PLAN,
-    task_name: str | None = "task",
-    **fields: Any,
-) -> None:
-    frame: dict[str, Any] = {
-        "type": "task",
-        "status": "continue",
-        "client_type": "constellation",
-        "client_id": client.client_id,
-        "target_id": target_id,
-        "session_id": session_id,
-        "task_name": task_name,
-        "request": request,
-    }
-    frame.update(fields)
-    await client.send(**frame)
-
-
-async def answer(device: AipClient, command: dict[str, Any], result: Any) -> None:
-    """COMMAND_RESULTS as a stock device sends them: one success per action, call ids copied."""
-    await device.send(
-        type="command_results",
-        status=command["status"],
-        client_id=device.client_id,
-        session_id=command["session_id"],
-        prev_response_id=command["response_id"],
-        action_results=[
-            {"status": "success", "result": result, "call_id": action["call_id"]}
-            for action in command["actions"]
-        ],
-    )
-
-
-async def assert_quiet(*clients: AipClient) -> None:
-    """Nothing is queued for each client: the ack of a fresh HEARTBEAT is the next frame."""
-    for client in clients:
-        await client.send(type="heartbeat", client_id=client.client_id)
-        reply = await client.recv()
-        assert (reply["type"], reply["status"], reply["session_id"]) == (
-            "heartbeat",
-            "ok",
-            None,
-        ), reply
-
-
-async def expect_error(client: AipClient, text: str) -> dict[str, Any]:
-    reply = await client.recv()
-    assert (reply["type"], reply["status"]) == ("error", "error"), reply
-    assert text in reply["error"], reply
-    assert reply["session_id"] is None
-    assert reply["result"] is None
-    return reply
-
-
-async def expect_refused_task(client: AipClient, session_id: str, text: str) -> None:
-    """ERROR, then (decision D4) TASK_END failed for the session, without any result."""
-    await expect_error(client, text)
-    end = await client.recv()
-    assert (end["type"], end["status"], end["session_id"]) == ("task_end", "failed", session_id)
-    assert text in end["error"]
-    assert end["result"] is None
-
-
-async def expect_close(client: AipClient) -> int:
-    """The server closes the connection; returns the close code the client received."""
-    with pytest.raises(ConnectionClosed) as info:
-        await client.recv()
-    assert info.value.rcvd is not None, "the server did not send a close frame"
-    return info.value.rcvd.code
-
-
-async def sessions_in_sql(server: ServerThread, **filters: Any) -> list[SessionRow]:
-    await asyncio.to_thread(server.flush)
-    return read_sessions(server.app.state.store.engine, **filters)
-
-
-async def connections_in_sql(server: ServerThread, client_id: str) -> list[ConnectionRow]:
-    await asyncio.to_thread(server.flush)
-    return read_connection_history(server.app.state.store.engine, client_id)
-
-
-async def count_rows(server: ServerThread, table: Table) -> int:
-    await asyncio.to_thread(server.flush)
-    with server.app.state.store.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
 def token_url(server: ServerThread, token: str | None) -> str:
