@@ -1,6 +1,16 @@
 """Building blocks of the server scenarios in tests/server: clients that register and check the
 confirmation, the frames they send, what they must receive, and the SQL rows a flow leaves
-behind. Clients come from `open_client`, so the scenario's `run` closes them, pass or fail."""
+behind. Clients come from `open_client`, so the scenario's `run` closes them, pass or fail.
+
+A flow test checks the frames the clients see and the SQL rows (clients, connections, sessions)
+the flow must leave behind. A refusal test (an attack class of the AIP reference) proves the
+refusal and that the refused frame or request had no effect: on the registry, on other clients,
+in SQL.
+
+"Receives nothing" is checked without sleeping (`assert_quiet`): a client sends a HEARTBEAT and
+the ack must be the next frame it reads. Frames of one connection are handled in order and each
+peer's outbox is FIFO, so anything queued for it earlier would arrive first.
+"""
 
 from __future__ import annotations
 
