@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, text
 
 from ccm.store import migrate
 from ccm.store.engine import make_engine
 from ccm.store.models import Base
+from tests.support import postgres_available, postgres_database
 
 POSTGRES_URL = os.environ.get(
     "CCM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -26,44 +26,16 @@ POSTGRES_URL = os.environ.get(
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
-def _postgres_admin() -> Engine | None:
-    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception:
-        engine.dispose()
-        return None
-    return engine
-
-
 @pytest.fixture(scope="session")
 def postgres_template_url() -> Iterator[str]:
     """A fresh, migrated Postgres database for this test run, dropped at the end."""
-    admin = _postgres_admin()
-    if admin is None:
+    if not postgres_available(POSTGRES_URL):
         message = f"PostgreSQL is not reachable at {POSTGRES_URL}; start it with: {START_POSTGRES}"
         if os.environ.get("CCM_REQUIRE_POSTGRES") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    name = f"ccm_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    migrate.upgrade(url)
-    try:
+    with postgres_database(POSTGRES_URL, "ccm_test") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ UUID_TEXT = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}
 
 
 def test_new_id_is_a_random_version_4_uuid_in_canonical_text() -> None:
+    """new_id gives distinct random (version 4, RFC 4122) UUIDs in canonical lower-case text."""
     ids = [new_id() for _ in range(5000)]
     assert len(set(ids)) == len(ids)
     for text in ids:
@@ -27,6 +28,7 @@ def test_new_id_is_a_random_version_4_uuid_in_canonical_text() -> None:
 
 
 def test_server_frame_carries_a_fresh_response_id_unless_given() -> None:
+    """Each server frame gets a new UUID response_id; a given response_id is kept."""
     first = json.loads(server_frame(ServerMessageType.HEARTBEAT, TaskStatus.OK))
     second = json.loads(server_frame(ServerMessageType.HEARTBEAT, TaskStatus.OK))
     assert UUID_TEXT.match(first["response_id"])
@@ -36,6 +38,7 @@ def test_server_frame_carries_a_fresh_response_id_unless_given() -> None:
 
 
 def test_timestamp_is_utc_isoformat_of_now() -> None:
+    """timestamp() is the current UTC time in isoformat, with a `+00:00` offset."""
     before = datetime.now(UTC)
     text = timestamp()
     after = datetime.now(UTC)

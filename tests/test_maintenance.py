@@ -307,6 +307,7 @@ def test_a_fixed_pause_runs_full_batches(engine: Engine, seeded: Seeded) -> None
 
 
 def test_batch_size_must_be_positive(engine: Engine) -> None:
+    """A batch_size of 0 is refused with a ValueError naming it."""
     with pytest.raises(ValueError, match="batch_size"):
         run_cleanup(engine, sessions_before=SESSIONS_CUTOFF, batch_size=0)
 

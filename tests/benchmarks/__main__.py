@@ -26,11 +26,10 @@ from tests.benchmarks.common import (
     DEFAULT_POSTGRES_URL,
     log,
     machine,
-    postgres_available,
-    postgres_database,
     raise_nofile_limit,
     sqlite_database,
 )
+from tests.support import postgres_available, postgres_database
 
 SECTIONS = ("registry", "relay", "peer", "connections", "cleanup", "profile")
 
@@ -100,7 +99,11 @@ def main() -> None:
     ok = False
     try:
         with ExitStack() as dbs:
-            pg_url = dbs.enter_context(postgres_database(args.postgres_url)) if pg_ok else None
+            pg_url = (
+                dbs.enter_context(postgres_database(args.postgres_url, "ccm_bench"))
+                if pg_ok
+                else None
+            )
             if "registry" in only:
                 from tests.benchmarks import registry_bench
 
@@ -149,7 +152,9 @@ def main() -> None:
                 backends = {"sqlite": sqlite_database(logs, "cleanup.db")}
                 if pg_url:
                     # a database of its own: cleanup must not see the relay run's rows
-                    backends["postgres"] = dbs.enter_context(postgres_database(args.postgres_url))
+                    backends["postgres"] = dbs.enter_context(
+                        postgres_database(args.postgres_url, "ccm_bench")
+                    )
                 for name, url in backends.items():
                     results["cleanup"][name] = cleanup_bench.run_backend(
                         name,

@@ -15,12 +15,12 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -169,12 +169,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # -- /proc readings of another process -----------------------------------------------------------
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -283,48 +277,6 @@ def wait_for_port(port: int, child: Child, timeout: float = 60) -> None:
 
 
 # -- databases -----------------------------------------------------------------------------------
-
-
-def postgres_available(url: str) -> bool:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
-    finally:
-        engine.dispose()
-
-
-@contextmanager
-def postgres_database(base_url: str) -> Iterator[str]:
-    """A fresh, migrated Postgres database for this run, dropped at the end."""
-    from sqlalchemy import create_engine, make_url, text
-
-    from ccm.store import migrate
-
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
-    name = f"ccm_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(base_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def sqlite_database(folder: Path, name: str = "ccm.db") -> str:

@@ -29,6 +29,7 @@ from sqlalchemy import Engine, func, make_url, select, text
 from ccm.domain import FINISHED_STATES
 from ccm.store.engine import make_engine
 from ccm.store.models import clients, connections, sessions
+from tests.support import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CCM = Path(sys.executable).parent / "ccm"
@@ -55,24 +56,6 @@ def record(scenario: str, backend: str, **figures: Any) -> None:
     line = {"scenario": scenario, "backend": backend, "full": FULL, "at": time.time(), **figures}
     with (OUT_DIR / "measurements.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(line, default=str) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `predicate` until it returns something truthy; AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import contextvars
 import json
-import socket
 import threading
 import time
 from collections.abc import Coroutine
@@ -24,14 +23,9 @@ from ccm.logs import protect_uvicorn_loggers
 from ccm.server.app import create_app
 from ccm.server.runners import SessionRunner
 from ccm.server.serve import CcmServer
+from tests.support import free_port
 
 API_KEY = "test-key-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerThread:
@@ -186,3 +180,8 @@ def track(client: AipClient) -> AipClient:
     """Close `client` when the scenario started by `run` ends, pass or fail."""
     _opened.get().append(client)
     return client
+
+
+async def open_client(server: ServerThread) -> AipClient:
+    """A client connected to `server`, closed when the scenario `run` started ends."""
+    return track(await AipClient.connect(server.ws_url))

@@ -18,6 +18,7 @@ from ccm.domain import SessionState
 from ccm.server.runners import NO_RUNNER_ERROR
 from ccm.store.repository import read_sessions
 from tests.server.support import API_KEY, AipClient, ServerThread, run, track
+from tests.support import wait_until
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {}, "tool_type": "action"}])
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -61,13 +62,6 @@ async def answer(device: AipClient, command: dict[str, Any], result: Any) -> Non
             for action in command["actions"]
         ],
     )
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def api(server: ServerThread) -> httpx.AsyncClient:
@@ -176,7 +170,9 @@ def test_clients_forgets_a_client_that_left(server: ServerThread) -> None:
         await connect_device(server, "dev-1")
         leaving = await connect_device(server, "dev-2")
         await leaving.close()
-        await wait_until(lambda: not server.registry.is_online("dev-2"))
+        await asyncio.to_thread(
+            wait_until, lambda: not server.registry.is_online("dev-2"), 5, "dev-2 to go offline"
+        )
         async with api(server) as http:
             return (await http.get("/api/clients")).json(), (await http.get("/api/health")).json()
 
@@ -191,7 +187,9 @@ def test_connection_history_newest_first(server: ServerThread) -> None:
     async def scenario() -> None:
         first = await connect_device(server, "dev-1")
         await first.close()
-        await wait_until(lambda: not server.registry.is_online("dev-1"))
+        await asyncio.to_thread(
+            wait_until, lambda: not server.registry.is_online("dev-1"), 5, "dev-1 to go offline"
+        )
         await connect_device(server, "dev-1")
         server.flush()
         async with api(server) as http:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from typing import Any
 
-from tests.server.support import AipClient, ServerThread
+from tests.server.support import AipClient, ServerThread, run, track
 
 
 def test_sessions_beyond_the_per_client_limit_are_refused(
@@ -15,10 +13,10 @@ def test_sessions_beyond_the_per_client_limit_are_refused(
     """With a limit of 2, a third running session of one constellation gets ERROR + task_end."""
     server = server_factory(**{"server.max_live_sessions_per_client": 2})
 
-    async def scenario() -> list[dict[str, Any]]:
-        device = await AipClient.connect(server.ws_url)
+    async def scenario() -> None:
+        device = track(await AipClient.connect(server.ws_url))
         await device.register_device("lim-dev", relay=True)
-        constellation = await AipClient.connect(server.ws_url)
+        constellation = track(await AipClient.connect(server.ws_url))
         await constellation.register_constellation("lim@lim-dev", "lim-dev")
         replies = []
         for n in range(3):
@@ -32,17 +30,15 @@ def test_sessions_beyond_the_per_client_limit_are_refused(
                 request="hold",
             )
             replies.append(await constellation.recv())
-        refusal_end = await constellation.recv()
-        await device.close()
-        await constellation.close()
-        return [*replies, refusal_end]
+        ack0, ack1, error = replies
+        assert [ack0["session_id"], ack1["session_id"]] == ["lim@0", "lim@1"]
+        assert error["type"] == "error"
+        assert "too many running sessions" in error["error"]
+        task_end = await constellation.recv()
+        assert (task_end["type"], task_end["status"], task_end["session_id"]) == (
+            "task_end",
+            "failed",
+            "lim@2",
+        )
 
-    ack0, ack1, error, task_end = asyncio.run(scenario())
-    assert [ack0["session_id"], ack1["session_id"]] == ["lim@0", "lim@1"]
-    assert error["type"] == "error"
-    assert "too many running sessions" in error["error"]
-    assert (task_end["type"], task_end["status"], task_end["session_id"]) == (
-        "task_end",
-        "failed",
-        "lim@2",
-    )
+    run(scenario())

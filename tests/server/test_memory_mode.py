@@ -3,10 +3,9 @@ persistence against). Sessions relay as usual; history endpoints answer 503; not
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from tests.server.support import AipClient, ServerThread, make_settings
+from tests.server.support import AipClient, ServerThread, make_settings, run, track
 
 
 def test_relay_works_without_a_database(tmp_path: Path) -> None:
@@ -17,10 +16,10 @@ def test_relay_works_without_a_database(tmp_path: Path) -> None:
     server = ServerThread(settings).start()
     try:
 
-        async def scenario() -> tuple[dict[str, object], dict[str, object]]:
-            dev = await AipClient.connect(server.ws_url)
+        async def scenario() -> None:
+            dev = track(await AipClient.connect(server.ws_url))
             assert (await dev.register_device("dev-1", relay=True))["status"] == "ok"
-            con = await AipClient.connect(server.ws_url)
+            con = track(await AipClient.connect(server.ws_url))
             assert (await con.register_constellation("c@dev-1", "dev-1"))["status"] == "ok"
             await con.send(
                 type="task",
@@ -33,6 +32,7 @@ def test_relay_works_without_a_database(tmp_path: Path) -> None:
                 request="noop",
             )
             ack = await con.recv()
+            assert (ack["type"], ack["session_id"]) == ("heartbeat", "c@t1")
             task = await dev.recv_type("task")
             await dev.send(
                 type="task_end",
@@ -42,12 +42,9 @@ def test_relay_works_without_a_database(tmp_path: Path) -> None:
                 metadata={"result": 42},
             )
             end = await con.recv_type("task_end")
-            await asyncio.gather(con.close(), dev.close())
-            return ack, end
+            assert (end["status"], end["session_id"], end["result"]) == ("completed", "c@t1", 42)
 
-        ack, end = asyncio.run(scenario())
-        assert (ack["type"], ack["session_id"]) == ("heartbeat", "c@t1")
-        assert (end["status"], end["session_id"], end["result"]) == ("completed", "c@t1", 42)
+        run(scenario())
         with server.http() as http:
             assert http.get("/api/health").json()["status"] == "healthy"
             assert http.get("/api/sessions").status_code == 503

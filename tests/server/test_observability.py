@@ -20,7 +20,8 @@ from ccm.logs import (
     TextFormatter,
     bound,
 )
-from tests.server.support import API_KEY, AipClient, ServerThread
+from tests.server.support import API_KEY, AipClient, ServerThread, run, track
+from tests.support import wait_until
 
 PLAN = json.dumps([{"tool_name": "echo", "parameters": {"x": 1}, "tool_type": "action"}])
 
@@ -36,9 +37,9 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def _known_activity(server: ServerThread) -> None:
     """One device, one constellation, one tool-plan session, one malformed frame, both leave."""
-    device = await AipClient.connect(server.ws_url)
+    device = track(await AipClient.connect(server.ws_url))
     await device.register_device("obs-dev", platform="linux")
-    constellation = await AipClient.connect(server.ws_url)
+    constellation = track(await AipClient.connect(server.ws_url))
     await constellation.register_constellation("obs@obs-dev", "obs-dev")
     await constellation.send(
         type="task",
@@ -70,14 +71,17 @@ async def _known_activity(server: ServerThread) -> None:
 class TestMetrics:
     def test_metrics_count_known_activity(self, server: ServerThread) -> None:
         """Registrations, sessions, frames, protocol errors and disconnects match what happened."""
-        asyncio.run(_known_activity(server))
+        run(_known_activity(server))
         with server.http() as http:
-            deadline_checks = 50
-            for _ in range(deadline_checks):  # disconnect handling finishes after the close
+
+            def disconnects_counted() -> bool:
                 samples = _samples(http.get("/metrics").text)
-                if samples.get(("ccm_disconnects_total", (("reason", "closed"),))) == 2:
-                    break
-                asyncio.run(asyncio.sleep(0.1))
+                return samples.get(("ccm_disconnects_total", (("reason", "closed"),))) == 2
+
+            # Disconnect handling finishes after the close; it queues its writes before it counts.
+            wait_until(disconnects_counted, what="both disconnects to be counted")
+            server.flush()  # nothing is left for the store writer to do
+            samples = _samples(http.get("/metrics").text)
         assert samples[("ccm_registrations_total", (("type", "device"),))] == 1
         assert samples[("ccm_registrations_total", (("type", "constellation"),))] == 1
         assert samples[("ccm_disconnects_total", (("reason", "closed"),))] == 2
@@ -95,23 +99,21 @@ class TestMetrics:
         assert samples[("ccm_frames_out_total", (("type", "task_end"),))] == 2
         assert samples[("ccm_protocol_errors_total", (("kind", "malformed_json"),))] == 1
         assert samples[("ccm_live_sessions", ())] == 0
-        assert samples[("ccm_store_queue_depth", ())] >= 0
+        assert samples[("ccm_store_queue_depth", ())] == 0
         assert samples[("ccm_store_batch_size_count", ())] >= 1
 
     def test_connected_clients_gauge_by_type_and_platform(self, server: ServerThread) -> None:
         """The connected-clients gauge is read from the registry at scrape time."""
 
-        async def scenario() -> dict[Any, float]:
-            device = await AipClient.connect(server.ws_url)
+        async def scenario() -> None:
+            device = track(await AipClient.connect(server.ws_url))
             await device.register_device("gauge-dev", platform="Linux")
             with server.http() as http:
                 samples = _samples(http.get("/metrics").text)
-            await device.close()
-            return samples
+            key = ("ccm_connected_clients", (("platform", "linux"), ("type", "device")))
+            assert samples[key] == 1
 
-        samples = asyncio.run(scenario())
-        key = ("ccm_connected_clients", (("platform", "linux"), ("type", "device")))
-        assert samples[key] == 1
+        run(scenario())
 
     def test_metrics_need_the_key(self, server: ServerThread) -> None:
         """/metrics refuses a missing or wrong key and accepts X-API-Key or a Bearer token."""
@@ -215,7 +217,7 @@ class TestStatus:
         """`ccm status --json` reports health, counts and the connected clients."""
 
         async def scenario() -> Any:
-            device = await AipClient.connect(server.ws_url)
+            device = track(await AipClient.connect(server.ws_url))
             await device.register_device("status-dev")
             result = await asyncio.to_thread(
                 CliRunner().invoke,
@@ -228,10 +230,9 @@ class TestStatus:
                 ["status", "--url", server.http_url, "--api-key", API_KEY],
                 env={"COLUMNS": "200"},
             )
-            await device.close()
             return result, table
 
-        result, table = asyncio.run(scenario())
+        result, table = run(scenario())
         assert result.exit_code == 0, result.output
         data = json.loads(result.output)
         assert data["health"]["status"] == "healthy"

@@ -21,7 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from ccm.store.engine import make_engine
 from ccm.store.models import clients, server_runs
 from ccm.store.repository import ConnectionRow, SessionRow, read_connection_history, read_sessions
-from tests.server.support import API_KEY, AipClient, free_port
+from tests.server.support import API_KEY, AipClient, run, track
+from tests.support import free_port
 
 CCM = Path(sys.executable).parent / "ccm"
 START_TIMEOUT = 30.0
@@ -139,9 +140,9 @@ def online_flags(engine: Engine) -> dict[str, bool]:
 
 async def start_relay_session(ws_url: str, session_id: str) -> tuple[AipClient, AipClient]:
     """A relay device and its constellation with one acknowledged, running session."""
-    device = await AipClient.connect(ws_url)
+    device = track(await AipClient.connect(ws_url))
     assert (await device.register_device("lab-pc-07", relay=True))["status"] == "ok"
-    con = await AipClient.connect(ws_url)
+    con = track(await AipClient.connect(ws_url))
     assert (await con.register_constellation("nightly@lab-pc-07", "lab-pc-07"))["status"] == "ok"
     await con.send(
         type="task",
@@ -190,7 +191,7 @@ def test_sigterm_closes_clients_with_1001_and_records_shutdown(
             "constellation": (con_frames, con.ws.close_code),
         }
 
-    seen = asyncio.run(scenario())
+    seen = run(scenario())
     returncode = server.process.wait(EXIT_TIMEOUT)
     assert returncode == 0, server.log()
     for frames, code in seen.values():
@@ -227,7 +228,7 @@ def test_restart_closes_connections_left_open_by_a_killed_server(
         first.process.kill()
         await asyncio.gather(frames_until_closed(device), frames_until_closed(con))
 
-    asyncio.run(connect_and_kill())
+    run(connect_and_kill())
     assert first.process.wait(EXIT_TIMEOUT) == -signal.SIGKILL
     assert only_connection(db, "lab-pc-07").disconnected_at is None  # what the kill left behind
     assert only_session(db, session_id).state == "running"

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from tests.server.support import AipClient, ServerThread
+from tests.server.support import AipClient, ServerThread, run, track
 
 
 def test_device_registers_and_is_recorded(server: ServerThread) -> None:
     """A device's REGISTER is confirmed with heartbeat/ok and lands in the registry."""
 
-    async def scenario() -> dict:
-        client = await AipClient.connect(server.ws_url)
+    async def scenario() -> None:
+        client = track(await AipClient.connect(server.ws_url))
         reply = await client.register_device("dev-smoke")
         assert server.registry.is_device_connected("dev-smoke")
-        await client.close()
-        return reply
+        assert (reply["type"], reply["status"]) == ("heartbeat", "ok")
 
-    reply = asyncio.run(scenario())
-    assert (reply["type"], reply["status"]) == ("heartbeat", "ok")
+    run(scenario())

@@ -220,6 +220,7 @@ class TestReorder:
         assert _reorder(writes) == writes
 
     def test_connects_of_different_clients_are_grouped(self) -> None:
+        """Connects of different clients are moved together, and so are their disconnects."""
         writes = [
             _connect("a", "k1"),
             _disconnect("a", "k1"),
@@ -229,12 +230,14 @@ class TestReorder:
         assert _reorder(writes) == [writes[0], writes[2], writes[1], writes[3]]
 
     def test_custom_writes_and_other_kinds_are_barriers(self) -> None:
+        """No write is moved across a custom write or a write kind that is not grouped."""
         custom = _mark_error("s0")
         info = Write("system_info", key="c", params={"p_client_id": "c"})
         writes = [_created(0), _ended(0), custom, _created(1), info, _ended(1)]
         assert _reorder(writes) == writes
 
     def test_a_write_without_plain_string_keys_is_a_barrier(self) -> None:
+        """A write whose parameters are not plain strings is a barrier: nothing moves across it."""
         odd = Write("session_ended", key="x", params={"p_id": None})
         assert _reorder([_ended(1), _created(0)]) == [_created(0), _ended(1)]
         assert _reorder([_ended(1), odd, _created(0)]) == [_ended(1), odd, _created(0)]
@@ -442,6 +445,7 @@ class TestBadWritesOnTheFastPath:
 
 class TestPrepare:
     def test_a_single_parameter_statement(self) -> None:
+        """A one-parameter UPDATE is prepared; bind() renders a datetime as SQLite text in UTC."""
         engine = create_engine("sqlite://")
         with engine.connect() as conn:
             prepared = prepare(
