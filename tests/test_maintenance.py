@@ -81,6 +81,9 @@ def _seed_sessions() -> tuple[list[dict[str, Any]], set[str]]:
     return rows, doomed
 
 
+_DEVICE_IDS = {f"dev-{i}" for i in range(7)}
+
+
 def _seed_connections() -> tuple[list[dict[str, Any]], set[str]]:
     """Closed old, closed recent, closed at the cutoff, and open old connections."""
     kinds = ["closed_old", "closed_recent", "closed_at_cutoff", "open_old"]
@@ -96,7 +99,9 @@ def _seed_connections() -> tuple[list[dict[str, Any]], set[str]]:
         }[kind]
         row = {
             "connection_id": f"conn-{i:05d}",
-            "client_id": f"dev-{i % 7}",
+            # At most one open connection per client id (the schema's rule): open ones get
+            # an id of their own.
+            "client_id": f"dev-{i % 7}" if disconnected is not None else f"dev-open-{i}",
             "client_type": "device",
             "connected_at": connected,
             "disconnected_at": disconnected,
@@ -116,13 +121,13 @@ def seeded(engine: Engine) -> Seeded:
     connection_rows, doomed_connections = _seed_connections()
     client_rows = [
         {
-            "client_id": f"dev-{i}",
+            "client_id": client_id,
             "client_type": "device",
             "first_seen_at": NOW - timedelta(days=100),
             "last_seen_at": NOW,
             "online": False,
         }
-        for i in range(7)
+        for client_id in sorted({row["client_id"] for row in connection_rows} | _DEVICE_IDS)
     ]
     with engine.begin() as conn:
         conn.execute(insert(clients), client_rows)
