@@ -14,10 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, model_validator
 
 from ccm.domain import FINISHED_STATES, SessionState
-from ccm.errors import ConfigError, SessionError, StoreUnavailable
+from ccm.errors import ConfigError
 from ccm.protocol import has_unstorable_value, is_valid_task_name
+from ccm.server import views
 from ccm.server.auth import keys_match, require_api_key
 from ccm.server.deps import HubDep, RegistryDep, StoreDep
+from ccm.store.nodes import list_nodes
 from ccm.store.repository import read_connection_history, read_session_counts, read_sessions
 
 public = APIRouter()
@@ -86,23 +88,10 @@ def health(registry: RegistryDep, request: Request) -> dict[str, Any]:
 
 
 @protected.get("/clients", tags=["clients"])
-def clients(registry: RegistryDep) -> dict[str, Any]:
-    """Live clients: UFO's `online_clients` list plus each client's type and platform."""
-    details = []
-    for client_id in registry.list_clients():
-        info = registry.get_client_info(client_id)
-        if info is not None:
-            details.append(
-                {
-                    "client_id": client_id,
-                    "client_type": info.client_type.value,
-                    "platform": info.platform,
-                    "connected_at": info.connected_at.isoformat(),
-                    "last_heartbeat_at": info.last_heartbeat_at.isoformat()
-                    if info.last_heartbeat_at
-                    else None,
-                }
-            )
+def clients(hub: HubDep) -> dict[str, Any]:
+    """Live clients of the whole cluster: UFO's `online_clients` list plus each client's type,
+    platform and node."""
+    details = views.clients(hub)
     return {"online_clients": [d["client_id"] for d in details], "clients": details}
 
 
@@ -129,18 +118,14 @@ async def client_connections(
 
 
 @protected.get("/devices", tags=["devices"])
-def devices(registry: RegistryDep) -> dict[str, Any]:
-    stats = registry.get_stats()
-    return {
-        "devices": stats["devices"]["ids"],
-        "count": stats["devices"]["count"],
-        "by_platform": stats["devices"]["platforms"],
-    }
+def devices(hub: HubDep) -> dict[str, Any]:
+    """Live devices of the whole cluster, with counts by platform."""
+    return views.devices(hub)
 
 
 @protected.get("/devices/select", tags=["devices"])
 def select_device(
-    registry: RegistryDep,
+    hub: HubDep,
     platform: str | None = None,
     capabilities: Annotated[list[str] | None, Query()] = None,
     tags: Annotated[list[str] | None, Query()] = None,
@@ -148,10 +133,10 @@ def select_device(
     """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated."""
     caps = _split(capabilities)
     wanted_tags = _split(tags)
-    device_id = registry.select_optimal_device(platform, caps, wanted_tags)
+    device_id = views.select_device(hub, platform, caps, wanted_tags)
     if device_id is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No connected device matches")
-    return {"device_id": device_id, "system_info": registry.get_device_system_info(device_id)}
+    return {"device_id": device_id, "system_info": views.device_system_info(hub, device_id)}
 
 
 @protected.post("/devices/reload-config", tags=["devices"])
@@ -169,24 +154,32 @@ def reload_device_config(registry: RegistryDep) -> dict[str, Any]:
 
 
 @protected.get("/devices/{device_id}", tags=["devices"])
-def device(device_id: str, registry: RegistryDep) -> dict[str, Any]:
-    if not registry.is_device_connected(device_id):
+def device(device_id: str, hub: HubDep) -> dict[str, Any]:
+    """A live device of the cluster; `sessions` lists its running sessions when it is
+    connected to this node (null when to another)."""
+    found = views.device(hub, device_id)
+    if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Device not connected")
-    info = registry.get_client_info(device_id)
-    return {
-        "device_id": device_id,
-        "platform": info.platform if info else None,
-        "connected_at": info.connected_at.isoformat() if info else None,
-        "sessions": registry.get_device_sessions(device_id),
-        "system_info": registry.get_device_system_info(device_id),
-    }
+    return found
+
+
+@protected.get("/nodes", tags=["cluster"])
+async def nodes(hub: HubDep, request: Request) -> dict[str, Any]:
+    """The nodes of the cluster (on SQLite, this one): id, name, address, started, last lease
+    renewal, clients held and running sessions, alive ones first."""
+    store = request.app.state.store
+    if hub.cluster is None or store is None:
+        return {"nodes": [views.single_node(hub, store)]}
+    rows = await run_in_threadpool(list_nodes, store.engine)
+    listed = sorted((r.as_dict() for r in rows), key=lambda n: n["state"] != "alive")
+    return {"nodes": listed}
 
 
 @protected.get("/stats", tags=["stats"])
 async def stats(registry: RegistryDep, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     """The seed's counts, plus sessions by state (SQL) and the store writer's figures.
     `live_sessions` counts the session manager's own map (`active_sessions` the registry's)."""
-    result = registry.get_stats()
+    result = views.counts(hub)
     result["live_sessions"] = len(hub.sessions)
     result["sessions_by_state"] = await run_in_threadpool(read_session_counts, store.engine)
     writer = store.writer.stats()
@@ -267,21 +260,14 @@ async def dispatch(
             "Invalid task_name: must be a non-empty string of characters [A-Za-z0-9._-] "
             "and must not start with '.'",
         )
-    if not registry.is_online(body.client_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "Client not online")
-    if not registry.is_device_connected(body.client_id):
-        raise HTTPException(status.HTTP_409_CONFLICT, "Tasks can only be dispatched to devices")
-    try:
-        session = await hub.dispatch(body.client_id, body.request, task_name)
-    except StoreUnavailable as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    except SessionError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    answer = await hub.dispatch_anywhere(body.client_id, body.request, task_name)
+    if answer.status != status.HTTP_200_OK:
+        raise HTTPException(answer.status, answer.error or "dispatch failed")
     return {
         "status": "dispatched",
-        "task_name": session.task_name,
+        "task_name": answer.task_name,
         "client_id": body.client_id,
-        "session_id": session.session_id,
+        "session_id": answer.session_id,
     }
 
 

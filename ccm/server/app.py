@@ -22,6 +22,7 @@ from ccm.server.dashboard import router as dashboard_router
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
 from ccm.server.ws import websocket_endpoint
+from ccm.server.ws_probe import KeepTransport
 from ccm.version import VERSION
 
 logger = logging.getLogger(__name__)
@@ -79,4 +80,5 @@ def create_app(
 
     if is_loopback_bind(settings.server.host):
         app.add_middleware(LocalOnlyGuard, allowed_hosts=settings.server.allowed_hosts)
+    app.add_middleware(KeepTransport)  # added last: outermost, sees uvicorn's own send
     return app

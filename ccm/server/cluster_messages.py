@@ -151,6 +151,11 @@ class MessageHandlers:
         if peer is not None:
             answered = await ws_probe.probe(peer.websocket, ws_probe.STALE_SECONDS)
             alive = answered is not False
+            logger.info(
+                "probed connection client_id=%s for a newcomer elsewhere: %s",
+                payload["client_id"],
+                "alive" if alive else "stale",
+            )
             if not alive:
                 await self._hub.disconnect(peer, DisconnectReason.STALE)
                 peer.kick(DisconnectReason.STALE)

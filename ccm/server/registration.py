@@ -189,5 +189,6 @@ class Registrar:
                 run_id, MessageKind.PROBE, payload, ws_probe.STALE_SECONDS + cluster.ack_timeout
             )
         except TimeoutError:
+            logger.warning("no answer from node %s probing client_id=%s", run_id, client_id)
             return False
         return not alive

@@ -1,7 +1,9 @@
 """Probe a WebSocket with a ping: does the client at the other end still answer?
 
 ASGI has no ping message, so this reaches into the uvicorn protocol object that serves the
-connection (`websocket._send` is its bound `asgi_send`) and uses its own keepalive ping: the
+connection (the `send` callable uvicorn hands the app is its bound `asgi_send`; KeepTransport,
+the app's outermost middleware, keeps it in the scope before Starlette wraps it) and uses its
+own keepalive ping: the
 sans-I/O implementation's `send_keepalive_ping` / `pending_ping_payload` (cleared when the
 matching pong arrives), or the legacy websockets implementation's public `ping()`. Both are
 uvicorn internals, kept in this module alone; tests/server/test_stale_connections.py fails
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 POLL_SECONDS = 0.02
@@ -22,8 +25,23 @@ STALE_SECONDS = 2.0
 """How long a connection whose id a newcomer claims has to answer a ping."""
 
 
+SCOPE_KEY = "ccm.asgi_send"
+
+
+class KeepTransport:
+    """ASGI middleware: keep the server's own `send` of each WebSocket in its scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[SCOPE_KEY] = send
+        await self.app(scope, receive, send)
+
+
 def _protocol(websocket: WebSocket) -> Any:
-    return getattr(getattr(websocket, "_send", None), "__self__", None)
+    return getattr(websocket.scope.get(SCOPE_KEY), "__self__", None)
 
 
 async def probe(websocket: WebSocket, within: float) -> bool | None:

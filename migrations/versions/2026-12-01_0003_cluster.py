@@ -38,9 +38,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("name", sa.String(255), nullable=True))
         batch.add_column(sa.Column("address", sa.String(255), nullable=True))
         batch.add_column(sa.Column("pid", sa.Integer(), nullable=True))
-        batch.add_column(
-            sa.Column("state", sa.String(16), nullable=False, server_default="left")
-        )
+        batch.add_column(sa.Column("state", sa.String(16), nullable=False, server_default="left"))
         batch.add_column(sa.Column("renewed_at", UTCDateTime(), nullable=True))
         batch.add_column(sa.Column("lease_until", UTCDateTime(), nullable=True))
         batch.add_column(sa.Column("ended_reason", sa.String(64), nullable=True))
