@@ -4,6 +4,7 @@ constellation on another work as on one node."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -224,10 +225,8 @@ def test_a_node_stopped_cleanly_leaves_the_cluster_at_once(
         await device.recv_type("task", timeout=10)
         assert await asyncio.to_thread(a.terminate) == 0
         end = await constellation.recv_type("task_end", timeout=10)
-        try:
+        with contextlib.suppress(Exception):
             await device.recv(timeout=5)
-        except Exception:
-            pass
         return end, device.ws.close_code
 
     end, code = run(scenario())
