@@ -95,6 +95,9 @@ class ServerSettings(_Section):
     """Expected client heartbeat period; silence for 1.5x this closes the connection."""
     last_seen_interval: Duration = timedelta(seconds=60)
     """How often heartbeats reach `clients.last_seen_at` in SQL (they are kept in memory)."""
+    ws_ping_interval: Duration = timedelta(seconds=20)
+    """WebSocket pings to every client this often; one unanswered for as long is dropped. A
+    pong counts as a sign of life, like a frame (stock UFO devices heartbeat every 120 s)."""
     register_timeout: Duration = timedelta(seconds=10)
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     command_timeout: Duration = timedelta(seconds=300)
@@ -123,6 +126,21 @@ class LoggingSettings(_Section):
     format: str = Field(default="text", pattern="^(text|json)$")
 
 
+class FlappingSettings(_Section):
+    """A client id, or a remote address, that connects too often is refused for a while (like
+    EMQX's flapping detection: two devices sharing one id, a crash loop, a reconnect storm)."""
+
+    enabled: bool = True
+    max_connects: int = Field(default=15, ge=1)
+    """Registrations of one client id allowed per `window`; one more is refused for `ban`."""
+    max_connects_per_address: int = Field(default=120, ge=1)
+    """WebSocket connections from one remote address allowed per `window`."""
+    window: Duration = timedelta(seconds=60)
+    ban: Duration = timedelta(minutes=5)
+    exempt_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    """Addresses the per-address rule leaves alone (loopback: local tools and tests)."""
+
+
 class ClusterSettings(_Section):
     """Nodes on one PostgreSQL database form a cluster with no other setting (see README,
     "Running a cluster"); SQLite is always a single node."""
@@ -147,6 +165,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     cluster: ClusterSettings = ClusterSettings()
+    flapping: FlappingSettings = FlappingSettings()
 
     @property
     def database_url(self) -> str:

@@ -83,5 +83,7 @@ class SessionReason(StrEnum):
     SERVER_SHUTDOWN = "server_shutdown"
     SERVER_RESTART = "server_restart"
     STORE_UNAVAILABLE = "store_unavailable"
+    FRAME_TOO_LARGE = "frame_too_large"
+    """The device's connection was closed for a frame over the size limit (a huge result)."""
     NODE_LOST = "node_lost"
     """The node that ran it, or the node its requester was connected to, was lost."""

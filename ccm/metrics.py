@@ -86,6 +86,14 @@ class _LiveCollector(Collector):
             )
             degraded.add_metric([], 1 if stats.degraded else 0)
             yield degraded
+            lost = CounterMetricFamily(
+                "ccm_store_writes_lost",
+                "Writes the database refused for good (logged at ERROR), by write kind.",
+                labels=["kind"],
+            )
+            for kind, n in sorted(stats.failed_by_kind.items()):
+                lost.add_metric([kind], n)
+            yield lost
 
 
 class Metrics:
@@ -127,6 +135,18 @@ class Metrics:
         )
         self._frames = _FrameCounts()
         r.register(self._frames)
+        self.flapping_bans = Counter(
+            "ccm_flapping_bans",
+            "Client ids and addresses refused for a while for connecting too often.",
+            ["kind"],
+            registry=r,
+        )
+        self.late_frames = Counter(
+            "ccm_late_frames",
+            "Answers of a session's own device that came after it ended (dropped quietly).",
+            ["type"],
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "ccm_protocol_errors", "Bad input from clients, by kind.", ["kind"], registry=r
         )

@@ -278,7 +278,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 def sanitize_task_name(name: str | None) -> str:
     """WebSocket path (6.8): unsafe characters become `_`, leading dots go, empty -> a UUID."""
     cleaned = _UNSAFE_NAME.sub("_", name or "").lstrip(".")
-    return cleaned[:255] or new_id()
+    return cleaned or new_id()  # too long a name is refused by the session manager
 
 
 def is_valid_task_name(name: object) -> bool:

@@ -9,6 +9,7 @@ drops the session from the registry's maps, so nothing accumulates.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_SESSION_ID_LENGTH = 512
+"""sessions.session_id's length."""
+MAX_TASK_NAME_LENGTH = 255
+"""sessions.task_name's length."""
+RECENTLY_ENDED = 4096
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +95,8 @@ class SessionManager:
         self._clock = clock
         self._lock = threading.Lock()
         self._live: dict[str, LiveSession] = {}
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        """The last RECENTLY_ENDED wire session ids that ended, and their devices."""
 
     def create(
         self,
@@ -109,6 +116,8 @@ class SessionManager:
         session_id = session_id or new_id()
         if len(session_id) > MAX_SESSION_ID_LENGTH:
             raise SessionError(f"session_id is longer than {MAX_SESSION_ID_LENGTH} characters")
+        if task_name is not None and len(task_name) > MAX_TASK_NAME_LENGTH:
+            raise SessionError(f"task_name is longer than {MAX_TASK_NAME_LENGTH} characters")
         if self._store is not None:
             self._store.writer.reserve()
         now = self._clock()
@@ -168,6 +177,11 @@ class SessionManager:
         with self._lock:
             return self._live.get(session_id)
 
+    def ended_recently_on(self, session_id: str, device_id: str) -> bool:
+        """Whether `session_id` ended lately on `device_id` (a late answer, not a forgery)."""
+        with self._lock:
+            return self._ended.get(session_id) == device_id
+
     def live_sessions(self) -> list[LiveSession]:
         with self._lock:
             return list(self._live.values())
@@ -198,6 +212,10 @@ class SessionManager:
             if session is None or (run_id is not None and session.id != run_id):
                 return None
             del self._live[session_id]
+            self._ended[session_id] = session.device_id
+            self._ended.move_to_end(session_id)
+            if len(self._ended) > RECENTLY_ENDED:
+                self._ended.popitem(last=False)
         session.state = state
         ended_at = self._clock()
         self._registry.remove_session(session_id)

@@ -19,6 +19,8 @@ class ToolPlan:
     agent_name: str | None
     process_name: str | None
     root_name: str | None
+    command_timeout: float | None = None
+    """Seconds each COMMAND of this plan may wait (at most the server's command_timeout)."""
 
 
 class PlanError(ValueError):
@@ -40,18 +42,71 @@ def _tool_call(raw: object, where: str) -> dict[str, Any]:
     return {"tool_name": name, "parameters": parameters, "tool_type": tool_type}
 
 
+MAX_EMBEDDED_CANDIDATES = 64
+"""Positions tried when a plan is looked for inside prose (each costs one JSON parse)."""
+
+_DECODER = json.JSONDecoder()
+
+
+def _looks_like_plan(data: object) -> bool:
+    """A JSON value meant as a plan: `{"tools": ...}`, or a list whose first step is a tool call
+    (an object with `tool_name`) or a round of them."""
+    if isinstance(data, dict):
+        return "tools" in data
+    if isinstance(data, list) and data:
+        first = data[0]
+        if isinstance(first, list) and first:
+            first = first[0]
+        return isinstance(first, dict) and "tool_name" in first
+    return False
+
+
+def _find_plan(request: str) -> object | None:
+    """The plan in `request`: the whole text as JSON, or else the first JSON value embedded in
+    it that looks like a plan (Galaxy sends prose, `Task Description: ...\nTips for Completion:
+    ...`, and the description may carry a plan, in a code fence or not)."""
+    text = request.strip()
+    if text[:1] in {"[", "{"}:
+        try:
+            whole: object = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        else:
+            return whole
+    tried = 0
+    for index, char in enumerate(request):
+        if char not in "[{":
+            continue
+        tried += 1
+        if tried > MAX_EMBEDDED_CANDIDATES:
+            break
+        try:
+            data: object = _DECODER.raw_decode(request, index)[0]
+        except json.JSONDecodeError:
+            continue
+        if _looks_like_plan(data):
+            return data
+    return None
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise PlanError("command_timeout must be a positive number of seconds")
+    return float(value)
+
+
 def parse_tool_plan(request: str | None) -> ToolPlan | None:
-    """A plan, or None if the request is not a JSON plan at all (natural language).
+    """A plan, or None if the request holds no JSON plan at all (natural language).
 
     Forms: a list of steps, or `{"agent_name": ..., "process_name": ..., "root_name": ...,
-    "tools": [steps]}`. A step is one tool call (its own COMMAND round) or a list of tool calls
-    sent together in one COMMAND.
+    "command_timeout": seconds, "tools": [steps]}`, as the whole request or embedded in prose.
+    A step is one tool call (its own COMMAND round) or a list of tool calls sent together in one
+    COMMAND.
     """
-    if not request or request.lstrip()[:1] not in {"[", "{"}:
+    if not request:
         return None
-    try:
-        data = json.loads(request)
-    except json.JSONDecodeError:
+    data = _find_plan(request)
+    if data is None:
         return None
     options: dict[str, Any] = {}
     if isinstance(data, dict):
@@ -71,6 +126,11 @@ def parse_tool_plan(request: str | None) -> ToolPlan | None:
     for key in ("agent_name", "process_name", "root_name"):
         if options.get(key) is not None and not isinstance(options[key], str):
             raise PlanError(f"{key} must be a string")
+    timeout = options.get("command_timeout")
     return ToolPlan(
-        rounds, options.get("agent_name"), options.get("process_name"), options.get("root_name")
+        rounds,
+        options.get("agent_name"),
+        options.get("process_name"),
+        options.get("root_name"),
+        _seconds(timeout) if timeout is not None else None,
     )

@@ -25,7 +25,8 @@ class SessionChannel:
     platform: str
     router: Router
     timeout: float
-    """Seconds a COMMAND may wait for its COMMAND_RESULTS."""
+    """Seconds a COMMAND may wait for its COMMAND_RESULTS (server.command_timeout); a plan may
+    ask for less."""
 
     async def run_command(
         self,
@@ -34,8 +35,10 @@ class SessionChannel:
         agent_name: str,
         process_name: str | None = None,
         root_name: str | None = None,
+        answer_within: float | None = None,
     ) -> CommandAnswer:
         session = self.session
+        limit = min(answer_within, self.timeout) if answer_within is not None else self.timeout
         response_id = new_id()
         frame = server_frame(
             ServerMessageType.COMMAND,
@@ -55,10 +58,11 @@ class SessionChannel:
             if not self.router.send(session.device_id, frame):
                 raise CommandTimeout("the device is not connected")
             try:
-                return await asyncio.wait_for(answer, self.timeout)
+                return await asyncio.wait_for(answer, limit)
             except TimeoutError:
                 raise CommandTimeout(
-                    f"device did not answer the command within {self.timeout:g} s"
+                    f"device did not answer the command within {limit:g} s (a device that "
+                    "lacks the tool never answers)"
                 ) from None
         finally:
             pending.pop(response_id, None)

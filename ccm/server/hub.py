@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import Any
 
+from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.domain import ClientType, DisconnectReason, Mode, Origin
 from ccm.errors import SessionError, StoreUnavailable
@@ -31,6 +32,7 @@ from ccm.protocol import (
 from ccm.registry import ClientConnectionManager
 from ccm.server.channel import accept_command_results
 from ccm.server.cluster_link import ClusterLink, DispatchAnswer
+from ccm.server.flapping import Ban, FlapGuard
 from ccm.server.forwarding import forward_task, tell_requester_gone
 from ccm.server.orchestrator import SessionOrchestrator
 from ccm.server.peer import Peer
@@ -66,8 +68,14 @@ class Hub:
         self.registry = registry
         self.sessions = sessions
         self.router = Router(registry)
+        self._store = store
+        self.flapping = FlapGuard(settings.flapping, on_ban=self._banned)
         self.registrar = Registrar(
-            settings=settings, registry=registry, metrics=self.metrics, on_stale=self._stale
+            settings=settings,
+            registry=registry,
+            metrics=self.metrics,
+            on_stale=self._stale,
+            flapping=self.flapping,
         )
         self.cluster: ClusterLink | None = None
         self.orchestrator = SessionOrchestrator(
@@ -107,6 +115,18 @@ class Hub:
 
     async def _stale(self, peer: Peer) -> None:
         await self.disconnect(peer, DisconnectReason.STALE)
+
+    def _banned(self, ban: Ban) -> None:
+        logger.warning("flapping: %s", ban.text(self.settings.flapping.window))
+        self.metrics.flapping_bans.labels(ban.kind.value).inc()
+        if self._store is not None:
+            self._store.record_ban(
+                kind=ban.kind.value,
+                subject=ban.subject,
+                connects=ban.connects,
+                at=utcnow(),
+                until=ban.until,
+            )
 
     async def handle(self, peer: Peer, msg: ClientMessage) -> None:
         """Handle one frame of a registered connection (called in frame order)."""
@@ -245,11 +265,25 @@ class Hub:
         refused with an ERROR and have no effect."""
         session = self.sessions.get(msg.session_id) if msg.session_id else None
         if session is None or not peer.is_device or session.device_id != peer.client_id:
+            if msg.session_id and self.sessions.ended_recently_on(msg.session_id, peer.client_id):
+                self._late(peer, msg)  # the session ended while the device worked
+                return
             peer.send(error_frame("command_results refused: no such session on this device"))
             return
         results = [r.model_dump(mode="json") for r in msg.action_results or []]
         if not accept_command_results(session, msg.prev_response_id, results):
-            peer.send(error_frame("command_results refused: no command is waiting for this answer"))
+            self._late(peer, msg)  # the command timed out, or was answered already
+
+    def _late(self, peer: Peer, msg: ClientMessage) -> None:
+        """A late answer of the session's own device: dropped quietly (UFO logs an ERROR frame
+        as a server error), counted in ccm_late_frames_total."""
+        logger.debug(
+            "late %s dropped client_id=%s session_id=%s",
+            msg.type.value,
+            peer.client_id,
+            msg.session_id,
+        )
+        self.metrics.count(self.metrics.late_frames, msg.type.value)
 
     async def _on_task_end(self, peer: Peer, msg: ClientMessage) -> None:
         """Relay mode: the executing device reports the outcome of a `task` it ran itself."""
@@ -260,6 +294,13 @@ class Hub:
             or not peer.is_device
             or session.device_id != peer.client_id
         ):
+            if (
+                session is None
+                and msg.session_id
+                and self.sessions.ended_recently_on(msg.session_id, peer.client_id)
+            ):
+                self._late(peer, msg)
+                return
             peer.send(error_frame("Unknown message type: task_end (no relay session of yours)"))
             return
         if msg.status not in (TaskStatus.COMPLETED, TaskStatus.FAILED):
@@ -326,7 +367,7 @@ class Hub:
             return  # replaced by a takeover, or already gone: the new registration keeps its own
         if self.cluster is not None and peer.is_constellation:
             tell_requester_gone(self.cluster, peer.client_id)
-        await self.orchestrator.end_sessions_of(peer.client_id, peer.client_type)
+        await self.orchestrator.end_sessions_of(peer.client_id, peer.client_type, cause=reason)
 
     async def close_connections(
         self,

@@ -16,7 +16,7 @@ from typing import Any
 
 from ccm.clock import utcnow
 from ccm.config import Settings
-from ccm.domain import ClientType, Mode, SessionReason, SessionState
+from ccm.domain import ClientType, DisconnectReason, Mode, SessionReason, SessionState
 from ccm.errors import NodeFenced, SessionError, StoreUnavailable
 from ccm.ids import new_id
 from ccm.logs import bind
@@ -67,6 +67,7 @@ class SessionOrchestrator:
         self._router = router
         self._metrics = metrics
         self._command_timeout = settings.server.command_timeout.total_seconds()
+        self._max_frame_bytes = settings.server.max_frame_bytes
         self.ack_timeout = max(1.0, settings.server.send_timeout.total_seconds())
         self._held: set[asyncio.Task[None]] = set()
         """Work waiting for a commit off the receive loops: session launches (ACK, then the
@@ -288,10 +289,16 @@ class SessionOrchestrator:
         self._router.send_all(client_ids, frame)
 
     async def end_sessions_of(
-        self, client_id: str, client_type: ClientType, *, node_lost: bool = False
+        self,
+        client_id: str,
+        client_type: ClientType,
+        *,
+        cause: DisconnectReason = DisconnectReason.CLOSED,
+        node_lost: bool = False,
     ) -> None:
-        """A client left: a constellation's sessions are cancelled, a device's fail; each is
-        ended once and the other side is told. `node_lost`: it left with its node."""
+        """A client left (its connection ended with `cause`): a constellation's sessions are
+        cancelled, a device's fail; each is ended once and the other side is told, with the
+        cause. `node_lost`: it left with its node."""
         if client_type is ClientType.CONSTELLATION:
             ids = self._registry.get_constellation_sessions(client_id)
             state, reason, error = (
@@ -301,13 +308,14 @@ class SessionOrchestrator:
             )
         else:
             ids = self._registry.get_device_sessions(client_id)
-            state, reason, error = (
-                SessionState.FAILED,
-                SessionReason.DEVICE_DISCONNECTED,
-                DEVICE_GONE_ERROR,
-            )
+            state, reason, error = SessionState.FAILED, SessionReason.DEVICE_DISCONNECTED, ""
+            error = self._device_gone(cause)
+            if cause is DisconnectReason.FRAME_TOO_LARGE:
+                reason = SessionReason.FRAME_TOO_LARGE
         if node_lost:
             reason, error = SessionReason.NODE_LOST, NODE_LOST_ERROR
+        elif client_type is ClientType.CONSTELLATION and cause is not DisconnectReason.CLOSED:
+            error = f"{error} ({cause.value})"
         for session_id in ids:
             session = self._sessions.get(session_id)
             if session is not None:
@@ -316,6 +324,18 @@ class SessionOrchestrator:
             self._registry.remove_constellation_sessions(client_id)
         else:
             self._registry.remove_device_sessions(client_id)
+
+    def _device_gone(self, cause: DisconnectReason) -> str:
+        """What the requester is told when the device's connection ended with `cause`: UFO's
+        own text, with the cause when it is not a plain close."""
+        if cause is DisconnectReason.FRAME_TOO_LARGE:
+            return (
+                "the device's connection was closed: it sent a frame larger than the "
+                f"{self._max_frame_bytes}-byte limit (server.max_frame_bytes)"
+            )
+        if cause is DisconnectReason.CLOSED:
+            return DEVICE_GONE_ERROR
+        return f"{DEVICE_GONE_ERROR} ({cause.value})"
 
     async def interrupt_all(
         self,

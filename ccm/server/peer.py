@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from ccm.domain import ClientType, DisconnectReason
 from ccm.metrics import Metrics
 from ccm.protocol import CLOSE_POLICY
-from ccm.server import eager_send
+from ccm.server import eager_send, ws_probe
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,13 @@ class Peer:
 
     def _check_silence(self, loop: asyncio.AbstractEventLoop) -> None:
         due = self.last_frame_at + self._silence_limit
+        if loop.time() >= due:
+            # A pong counts as liveness: a stock UFO device heartbeats every 120 s, and with a
+            # shorter server.heartbeat_interval it would be closed while it answers pings.
+            answered = ws_probe.ping_answered_at(self.websocket)
+            if answered is not None and answered > self.last_frame_at:
+                self.last_frame_at = answered
+                due = answered + self._silence_limit
         if loop.time() < due:
             self._silence_timer = loop.call_at(due, self._check_silence, loop)
             return

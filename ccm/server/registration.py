@@ -29,19 +29,27 @@ from ccm.protocol import ClientMessage, ok_frame
 from ccm.registry import ClientConnectionManager
 from ccm.server import ws_probe
 from ccm.server.cluster_link import ClusterLink
+from ccm.server.flapping import FlapGuard
 from ccm.server.peer import Peer
 from ccm.store.claims import holder_of
+from ccm.store.models import clients, column_length
 
 logger = logging.getLogger(__name__)
 
-MAX_CLIENT_ID_LENGTH = 512
+MAX_CLIENT_ID_LENGTH = column_length(clients.c.client_id)
+MAX_PLATFORM_LENGTH = column_length(clients.c.platform)
 DEFAULT_PLATFORM = "windows"
 """UFO's own default when a device reports none."""
 CLAIM_ATTEMPTS = 3
 
 
 class RegistrationRefused(Exception):
-    """REGISTER was refused; the text goes to the client in an ERROR frame."""
+    """REGISTER was refused; the text goes to the client in an ERROR frame, `kind` to the
+    refusal metric."""
+
+    def __init__(self, text: str, *, kind: str = "refused") -> None:
+        super().__init__(text)
+        self.kind = kind
 
 
 class Registrar:
@@ -54,8 +62,10 @@ class Registrar:
         registry: ClientConnectionManager,
         metrics: Metrics,
         on_stale: Callable[[Peer], Awaitable[None]],
+        flapping: FlapGuard,
     ) -> None:
         self._registry = registry
+        self._flapping = flapping
         self._metrics = metrics
         self._on_stale = on_stale
         self._send_timeout = settings.server.send_timeout.total_seconds()
@@ -70,12 +80,19 @@ class Registrar:
             raise RegistrationRefused("REGISTER requires a non-empty client_id")
         if len(client_id) > MAX_CLIENT_ID_LENGTH:
             raise RegistrationRefused(f"client_id is longer than {MAX_CLIENT_ID_LENGTH} characters")
+        flapping = self._flapping.check_client(client_id)
+        if flapping is not None:
+            raise RegistrationRefused(flapping, kind="flapping")
         client_type = msg.client_type
         target_id = msg.target_id if client_type is ClientType.CONSTELLATION else None
         if target_id is not None and not await self._device_exists(target_id):
             raise RegistrationRefused(f"Target device '{target_id}' is not connected")
         metadata = dict(msg.metadata or {})
         platform = metadata.get("platform")
+        if isinstance(platform, str) and len(platform) > MAX_PLATFORM_LENGTH:
+            raise RegistrationRefused(
+                f"metadata.platform is longer than {MAX_PLATFORM_LENGTH} characters"
+            )
         peer = Peer(
             websocket=websocket,
             client_id=client_id,

@@ -41,7 +41,10 @@ class CommandChannel(Protocol):
         agent_name: str,
         process_name: str | None = None,
         root_name: str | None = None,
-    ) -> list[dict[str, Any]]: ...
+        answer_within: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """`answer_within`: seconds to wait for the answer (at most server.command_timeout)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,7 @@ class ToolPlanRunner:
                     agent_name=agent,
                     process_name=plan.process_name,
                     root_name=plan.root_name,
+                    answer_within=plan.command_timeout,
                 )
             except CommandTimeout as exc:
                 return Outcome(False, result=results, error=str(exc))

@@ -60,6 +60,8 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         port=settings.server.port,
         log_config=None,
         ws_max_size=settings.server.max_frame_bytes,
+        ws_ping_interval=settings.server.ws_ping_interval.total_seconds(),
+        ws_ping_timeout=settings.server.ws_ping_interval.total_seconds(),
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=10,
         server_header=False,

@@ -98,6 +98,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=CLOSE_POLICY, reason="Invalid or missing token")
         return
     await websocket.accept()
+    flapping = hub.flapping.check_address(websocket.client.host if websocket.client else None)
+    if flapping is not None:
+        hub.metrics.registrations_refused.labels("flapping").inc()
+        await _refuse(websocket, flapping, CLOSE_POLICY)
+        return
     max_bytes = server.max_frame_bytes
     try:
         async with asyncio.timeout(server.register_timeout.total_seconds()):
@@ -127,7 +132,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         peer = await hub.register(websocket, msg, _remote(websocket))
     except RegistrationRefused as exc:
         logger.warning("registration refused client_id=%s: %s", msg.client_id, exc)
-        hub.metrics.registrations_refused.labels("refused").inc()
+        hub.metrics.registrations_refused.labels(exc.kind).inc()
         await _refuse(websocket, str(exc), CLOSE_POLICY)
         return
     # An idle connection waits here for hours: do not keep its REGISTER frame (text and parsed

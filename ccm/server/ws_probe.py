@@ -90,3 +90,13 @@ async def _probe_sansio(protocol: Any, within: float) -> bool:
             return False
         await asyncio.sleep(POLL_SECONDS)
     return True
+
+
+def ping_answered_at(websocket: WebSocket) -> float | None:
+    """Event-loop time of the last keepalive ping the client answered (sent then, its pong
+    came), or None if unknown or the ping in flight is unanswered."""
+    protocol = _protocol(websocket)
+    if protocol is None or getattr(protocol, "pending_ping_payload", True) is not None:
+        return None
+    sent = getattr(protocol, "ping_sent_at", None)
+    return float(sent) if isinstance(sent, int | float) and sent > 0 else None

@@ -186,6 +186,26 @@ class SessionRecord(Base):
     )
 
 
+class BanRecord(Base):
+    """A client id or remote address refused for a while for connecting too often."""
+
+    __tablename__ = "bans"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    """`client_id` or `remote_address`."""
+    subject: Mapped[str] = mapped_column(String(512))
+    connects: Mapped[int] = mapped_column(Integer)
+    """Connections counted in the window when the ban began."""
+    banned_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+    server_run_id: Mapped[str | None] = mapped_column(String(36))
+
+    __table_args__ = (Index("ix_bans_subject_banned_at", "subject", "banned_at"),)
+
+
 class InboxRecord(Base):
     """Messages between nodes, one inbox per target run: a row is written in the sender's
     transaction (so it exists only if that commits), announced with NOTIFY, and deleted by the
@@ -205,6 +225,14 @@ class InboxRecord(Base):
     __table_args__ = (Index("ix_inbox_target_run_id_id", "target_run_id", "id"),)
 
 
+def column_length(column: Any) -> int:
+    """The declared length of a String column: what the edge must refuse beyond (PostgreSQL
+    refuses a longer value; SQLite would store it)."""
+    length = getattr(column.type, "length", None)
+    assert isinstance(length, int), f"{column} has no length"
+    return length
+
+
 def _table(record: type[Base]) -> Table:
     """The record's Table. Declarative types `__table__` as a FromClause (it may be a join for
     mapped classes in general); ours are plain tables, and the store's statements need Table."""
@@ -218,3 +246,4 @@ connections = _table(ConnectionRecord)
 sessions = _table(SessionRecord)
 server_runs = _table(ServerRunRecord)
 inbox = _table(InboxRecord)
+bans = _table(BanRecord)

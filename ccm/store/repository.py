@@ -32,6 +32,7 @@ from ccm.store.models import (
 )
 from ccm.store.writer import StoreWriter
 from ccm.store.writes import (
+    BanParams,
     ConnectParams,
     DisconnectParams,
     LastSeenParams,
@@ -237,6 +238,20 @@ class Store:
         """A client was heard from on its current connection (only ever moves forward)."""
         params = LastSeenParams(p_client_id=client_id, p_connection_id=connection_id, p_at=at)
         self.writer.submit(Write(WriteKind.LAST_SEEN, params, key=client_id))
+
+    def record_ban(
+        self, *, kind: str, subject: str, connects: int, at: datetime, until: datetime
+    ) -> None:
+        """A client id or remote address refused for a while for connecting too often."""
+        params = BanParams(
+            p_kind=kind,
+            p_subject=subject,
+            p_connects=connects,
+            p_at=at,
+            p_until=until,
+            p_server_run_id=self.run_id,
+        )
+        self.writer.submit(Write(WriteKind.BAN, params))
 
     def record_session_created(
         self,

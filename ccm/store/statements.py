@@ -31,8 +31,9 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ccm.domain import LIVE_STATES
-from ccm.store.models import clients, connections, inbox, server_runs, sessions
+from ccm.store.models import bans, clients, connections, inbox, server_runs, sessions
 from ccm.store.writes import (
+    BanParams,
     BusMessageParams,
     ConnectParams,
     DisconnectParams,
@@ -169,6 +170,15 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
             ended_at=e["p_at"],
         )
     )
+    x = binds(BanParams)
+    ban = bans.insert().values(
+        kind=x["p_kind"],
+        subject=x["p_subject"],
+        connects=x["p_connects"],
+        banned_at=x["p_at"],
+        until=x["p_until"],
+        server_run_id=x["p_server_run_id"],
+    )
     m = binds(BusMessageParams)
     bus_message = inbox.insert().values(
         target_run_id=m["p_target_run_id"],
@@ -192,6 +202,7 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
         WriteKind.SESSION_ENDED: (session_end,),
         WriteKind.RUN_STOPPED: (run_stop,),
         WriteKind.BUS_MESSAGE: (bus_message,),
+        WriteKind.BAN: (ban,),
     }
 
 

@@ -33,6 +33,8 @@ class WriteKind(StrEnum):
     SESSION_CREATED = "session_created"
     SESSION_ENDED = "session_ended"
     RUN_STOPPED = "run_stopped"
+    BAN = "ban"
+    """A client id or address refused for a while for flapping."""
     BUS_MESSAGE = "bus_message"
     """A message to another node's inbox (PostgreSQL only), delivered iff the batch commits."""
 
@@ -89,6 +91,15 @@ class SessionEndedParams(TypedDict):
     p_result: Any
     p_error: str | None
     p_at: datetime
+
+
+class BanParams(TypedDict):
+    p_kind: str
+    p_subject: str
+    p_connects: int
+    p_at: datetime
+    p_until: datetime
+    p_server_run_id: str
 
 
 class BusMessageParams(TypedDict):

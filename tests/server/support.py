@@ -42,6 +42,8 @@ class ServerThread:
             port=self.port,
             log_config=None,
             ws_max_size=settings.server.max_frame_bytes,
+            ws_ping_interval=settings.server.ws_ping_interval.total_seconds(),
+            ws_ping_timeout=settings.server.ws_ping_interval.total_seconds(),
             ws_per_message_deflate=False,
             timeout_graceful_shutdown=5,
             loop="asyncio",
