@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, make_url, select
 
 from ccm.store.models import server_runs, sessions
 from tests.reliability.support import ServeProcess, wait_until
@@ -236,3 +236,46 @@ def test_a_node_stopped_cleanly_leaves_the_cluster_at_once(
         states = dict(conn.execute(select(server_runs.c.name, server_runs.c.state)).all())
     assert states["a"] == "left"
     assert states["b"] == "alive"
+
+
+def test_a_node_on_a_multi_host_url_joins_through_the_writable_host(
+    node: Callable[..., ServeProcess], pg_url: str
+) -> None:
+    """A libpq multi-host URL (`host=a,b`, `target_session_attrs=read-write`, the form a
+    PostgreSQL failover pair uses) works for the node and its bus listener: the first host is
+    down here, the node joins through the second and serves a cross-node task."""
+    url = make_url(pg_url)
+    multi = url.set(host=None, port=None).update_query_pairs(
+        [
+            ("host", "127.0.0.1:1"),
+            ("host", f"{url.host}:{url.port or 5432}"),
+            ("target_session_attrs", "read-write"),
+        ]
+    )
+    a = node("a", url=multi.render_as_string(hide_password=False))
+    b = node("b")
+
+    async def scenario() -> dict[str, Any]:
+        device = await _device(a.ws_url, "x-dev-9")
+        constellation = await _constellation(b.ws_url, "x-con-9@x-dev-9", "x-dev-9")
+        await constellation.send(
+            type="task",
+            client_type="constellation",
+            client_id="x-con-9@x-dev-9",
+            target_id="x-dev-9",
+            session_id="x-s9",
+            request="over two hosts",
+            status="continue",
+        )
+        task = await device.recv_type("task", timeout=10)
+        await device.send(
+            type="task_end",
+            client_id="x-dev-9",
+            session_id=task["session_id"],
+            status="completed",
+            metadata={"result": "ok"},
+        )
+        return await constellation.recv_type("task_end", timeout=10)
+
+    end = run(scenario())
+    assert (end["status"], end["result"]) == ("completed", "ok")
