@@ -252,5 +252,5 @@ class SessionManager:
         )
 
     def cancel_task(self, session_id: str, reason: SessionReason) -> EndedSession | None:
-        """Cancel a session (the seed's name). Safe to call for an ended or unknown session."""
+        """Cancel a session (UFO's name for it). Safe to call for an ended or unknown session."""
         return self.finish(session_id, SessionState.CANCELLED, reason=reason)

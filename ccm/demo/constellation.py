@@ -71,7 +71,7 @@ class _Constellation:
                 )
 
     async def show_device_info(self) -> None:
-        request_id = f"device_info_{self.target}_{time.time()}"  # Galaxy's form (2.6)
+        request_id = f"device_info_{self.target}_{time.time()}"  # Galaxy's form
         await self.ws.send(
             self.frame("device_info_request", target_id=self.target, request_id=request_id)
         )

@@ -48,7 +48,7 @@ def _memory_total_gb() -> float:
 def device_metadata(
     client_id: str, *, platform: str, features: Sequence[str], relay: bool
 ) -> Frame:
-    """REGISTER metadata shaped like a UFO device's (3.1), plus the relay flag ccm reads."""
+    """REGISTER metadata shaped like a UFO device's, plus the relay flag ccm reads."""
     system_info = {
         "device_id": client_id,
         "platform": host.system().lower() or "unknown",
@@ -166,7 +166,7 @@ class _Device:
     async def _on_task(self, ws: ClientConnection, task: Frame) -> None:
         session_id, request = task.get("session_id"), task.get("user_request")
         if self.mode is Mode.AGENT:
-            # Like UFO's device (3.8): hand the task back and let the server run a session for it.
+            # Like UFO's device: hand the task back and let the server run a session for it.
             await ws.send(
                 self.frame(
                     "task",

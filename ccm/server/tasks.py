@@ -1,5 +1,5 @@
 """What a task request is, who may ask (a Requester), how a device runs it (its execution mode),
-and how a refusal looks on the wire (decision D4)."""
+and how a refusal looks on the wire (decision D4 in README)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Requester(Protocol):
 
 
 def refuse_task(peer: Requester, session_id: str | None, message: str) -> None:
-    """ERROR plus (decision D4) a TASK_END `failed`, so the requester need not time out."""
+    """ERROR plus (decision D4, README) a TASK_END `failed`, so the requester need not time out."""
     peer.send(error_frame(message))
     if session_id:
         peer.send(task_end_frame(session_id, completed=False, error=message))

@@ -92,7 +92,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     hub: Hub = websocket.app.state.hub
     server = hub.settings.server
     if not keys_match(websocket.query_params.get("token"), websocket.app.state.api_key):
-        # Closing before accept makes uvicorn answer the upgrade with HTTP 403 (6.1).
+        # Closing before accept makes uvicorn answer the upgrade with HTTP 403.
         logger.warning("refused websocket: invalid or missing token remote=%s", _remote(websocket))
         hub.metrics.registrations_refused.labels("bad_token").inc()
         await websocket.close(code=CLOSE_POLICY, reason="Invalid or missing token")
