@@ -133,8 +133,8 @@ class Hub:
         kind = msg.type
         self.metrics.frame_in(kind.value)
         if kind is ClientMessageType.HEARTBEAT:
-            # Decision D2 (README): a heartbeat grants nothing, so only client_id is checked (Galaxy sends
-            # its heartbeats with client_type "device").
+            # Decision D2 (README): a heartbeat grants nothing, so only client_id is checked
+            # (Galaxy sends its heartbeats with client_type "device").
             if msg.client_id is not None and msg.client_id != peer.client_id:
                 peer.send(error_frame("client_id does not match the registered connection"))
                 return

@@ -1,4 +1,4 @@
-"""Session runners: what turns a task into COMMAND rounds for a stock UFO device (decision D3 in README).
+"""Session runners: what turns a task into COMMAND rounds for a stock UFO device (README: D3).
 
 A runner gets the session and a CommandChannel to its device and returns an Outcome. ccm ships
 one runner, ToolPlanRunner, for requests that are a JSON tool plan. A runner for natural language
