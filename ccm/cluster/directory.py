@@ -110,6 +110,8 @@ class RemoteDirectory:
         self._by_node: dict[str, dict[str, RemoteClient]] = {}
         self._clients: dict[str, RemoteClient] = {}
         self._dirty: set[str] = set()
+        self.dead: set[str] = set()
+        """Runs declared dead while this node watched: nothing is sent to them any more."""
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -149,6 +151,7 @@ class RemoteDirectory:
 
     def forget_node(self, run_id: str) -> None:
         """A node was declared dead: its clients are gone at once."""
+        self.dead.add(run_id)
         self.nodes.pop(run_id, None)
         for client_id in self._by_node.pop(run_id, {}):
             if self._clients.get(client_id, None) and self._clients[client_id].run_id == run_id:

@@ -143,7 +143,10 @@ class ClusterLink:
     # -- sending --------------------------------------------------------------------------------
 
     def deliver(self, node: str, client_id: str, frame: str) -> None:
-        """A frame for a client of another node (queued with the writer's next batch)."""
+        """A frame for a client of another node (queued with the writer's next batch); dropped
+        if that node was declared dead (its survivors told its clients)."""
+        if node in self.directory.dead:
+            return
         ends = None
         if frame.startswith(_TASK_END_PREFIX):
             ends = json.loads(frame).get("session_id")

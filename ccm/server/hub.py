@@ -75,6 +75,7 @@ class Hub:
             registry=registry,
             metrics=self.metrics,
             on_stale=self._stale,
+            on_undo=self._undo,
             flapping=self.flapping,
         )
         self.cluster: ClusterLink | None = None
@@ -115,6 +116,11 @@ class Hub:
 
     async def _stale(self, peer: Peer) -> None:
         await self.disconnect(peer, DisconnectReason.STALE)
+
+    async def _undo(self, peer: Peer) -> None:
+        """A registration the database refused: out of the registry, and anything begun for it
+        in the meantime ended (it never had a connection row to close)."""
+        await self.disconnect(peer, DisconnectReason.CLOSED)
 
     def _banned(self, ban: Ban) -> None:
         logger.warning("flapping: %s", ban.text(self.settings.flapping.window))

@@ -62,8 +62,10 @@ class Registrar:
         registry: ClientConnectionManager,
         metrics: Metrics,
         on_stale: Callable[[Peer], Awaitable[None]],
+        on_undo: Callable[[Peer], Awaitable[None]],
         flapping: FlapGuard,
     ) -> None:
+        self._on_undo = on_undo
         self._registry = registry
         self._flapping = flapping
         self._metrics = metrics
@@ -126,7 +128,11 @@ class Registrar:
                 raise RegistrationRefused(str(again)) from None
         peer.epoch = info.epoch
         if self.cluster is not None:
-            await self._claim(info, self.cluster)
+            try:
+                await self._claim(info, self.cluster)
+            except RegistrationRefused:
+                await self._on_undo(peer)  # anything begun for it meanwhile ends with it
+                raise
         self._metrics.registrations.labels(client_type.value).inc()
         bind(client_id=client_id, connection_id=info.connection_id)
         peer.send(ok_frame())
@@ -177,11 +183,9 @@ class Registrar:
                 ):
                     break
         except (TimeoutError, NodeFenced):
-            self._registry.remove_client(info.client_id, epoch=info.epoch)
             raise RegistrationRefused(
                 "the database did not confirm the registration in time; try again"
             ) from None
-        self._registry.remove_client(info.client_id, epoch=info.epoch)
         raise RegistrationRefused(str(DuplicateClientError(info.client_id)))
 
     async def _holder_gave_up(

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, delete, func, or_, select, text, update
 
 from ccm.domain import LIVE_STATES, DisconnectReason, SessionReason, SessionState
-from ccm.store.models import clients, connections, server_runs, sessions
+from ccm.store.models import clients, connections, inbox, server_runs, sessions
 
 REAPER_LOCK = 0x63636D01
 """pg_advisory_xact_lock key taken by whoever reaps a dead node ('ccm' 1)."""
@@ -195,6 +195,7 @@ def close_holdings(conn: Connection, run_id: str) -> ReapReport:
         )
         .returning(sessions.c.session_id, sessions.c.constellation_id, sessions.c.device_id)
     ).all()
+    conn.execute(delete(inbox).where(inbox.c.target_run_id == run_id))  # nobody reads it now
     return ReapReport(
         run_id=run_id,
         connections_closed=len(closed),
