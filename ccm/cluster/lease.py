@@ -79,16 +79,23 @@ class NodeLease:
 
     async def _run(self) -> None:
         interval = self.lease / 3
+        tick: asyncio.Future[bool] | None = None
+        """The renewal (and reaping) in flight: one at a time, so a database that hangs holds
+        one worker thread, not one per tick."""
         while True:
             await asyncio.sleep(interval)
+            if tick is None:
+                tick = asyncio.ensure_future(asyncio.to_thread(self._tick_sync))
+            renewed: bool | None = None
             try:
                 async with asyncio.timeout(interval):
-                    renewed = await asyncio.to_thread(
-                        nodes_sql.renew, self._engine, self._run_id(), self.lease
-                    )
-            except DATABASE_AWAY as exc:  # the watchdog below decides
+                    renewed = await asyncio.shield(tick)
+                tick = None
+            except TimeoutError:
+                pass  # still waiting for the database: the watchdog below decides
+            except DATABASE_AWAY as exc:
                 logger.warning("lease renewal failed: %s", first_line(exc))
-                renewed = None
+                tick = None
             now = time.monotonic()
             if renewed and not self._writes_refused():
                 self._renewed_at = now
@@ -104,9 +111,16 @@ class NodeLease:
                 )
                 await self._on_fenced()
                 self._renewed_at = time.monotonic()
-                continue
-            with contextlib.suppress(*DATABASE_AWAY):  # next tick
-                await self.reap_expired()
+                tick = None  # a renewal still in flight was for the run that is gone
+
+    def _tick_sync(self) -> bool:
+        """Renew the lease; if it still holds, reap the nodes whose lease ran out."""
+        if not nodes_sql.renew(self._engine, self._run_id(), self.lease):
+            return False
+        with contextlib.suppress(*DATABASE_AWAY):  # a reap that fails is tried next tick
+            for run_id in nodes_sql.expired_nodes(self._engine, me=self._run_id()):
+                self._reap_sync(run_id, False)
+        return True
 
     async def reap_expired(self) -> None:
         for run_id in await asyncio.to_thread(

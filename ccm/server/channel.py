@@ -61,8 +61,7 @@ class SessionChannel:
                 return await asyncio.wait_for(answer, limit)
             except TimeoutError:
                 raise CommandTimeout(
-                    f"device did not answer the command within {limit:g} s (a device that "
-                    "lacks the tool never answers)"
+                    f"device did not answer the command within {limit:g} s"
                 ) from None
         finally:
             pending.pop(response_id, None)

@@ -278,7 +278,7 @@ class Hub:
             return
         results = [r.model_dump(mode="json") for r in msg.action_results or []]
         if not accept_command_results(session, msg.prev_response_id, results):
-            self._late(peer, msg)  # the command timed out, or was answered already
+            peer.send(error_frame("command_results refused: no command is waiting for this answer"))
 
     def _late(self, peer: Peer, msg: ClientMessage) -> None:
         """A late answer of the session's own device: dropped quietly (UFO logs an ERROR frame

@@ -297,8 +297,8 @@ class SessionOrchestrator:
         node_lost: bool = False,
     ) -> None:
         """A client left (its connection ended with `cause`): a constellation's sessions are
-        cancelled, a device's fail; each is ended once and the other side is told, with the
-        cause. `node_lost`: it left with its node."""
+        cancelled, a device's fail; each is ended once and the other side is told.
+        `node_lost`: it left with its node."""
         if client_type is ClientType.CONSTELLATION:
             ids = self._registry.get_constellation_sessions(client_id)
             state, reason, error = (
@@ -308,14 +308,12 @@ class SessionOrchestrator:
             )
         else:
             ids = self._registry.get_device_sessions(client_id)
-            state, reason, error = SessionState.FAILED, SessionReason.DEVICE_DISCONNECTED, ""
+            state, reason = SessionState.FAILED, SessionReason.DEVICE_DISCONNECTED
             error = self._device_gone(cause)
             if cause is DisconnectReason.FRAME_TOO_LARGE:
                 reason = SessionReason.FRAME_TOO_LARGE
         if node_lost:
             reason, error = SessionReason.NODE_LOST, NODE_LOST_ERROR
-        elif client_type is ClientType.CONSTELLATION and cause is not DisconnectReason.CLOSED:
-            error = f"{error} ({cause.value})"
         for session_id in ids:
             session = self._sessions.get(session_id)
             if session is not None:
@@ -327,15 +325,14 @@ class SessionOrchestrator:
 
     def _device_gone(self, cause: DisconnectReason) -> str:
         """What the requester is told when the device's connection ended with `cause`: UFO's
-        own text, with the cause when it is not a plain close."""
+        own text (clients may match it), but the real cause and limit for an oversized frame
+        (a huge result), which a client could not guess."""
         if cause is DisconnectReason.FRAME_TOO_LARGE:
             return (
                 "the device's connection was closed: it sent a frame larger than the "
                 f"{self._max_frame_bytes}-byte limit (server.max_frame_bytes)"
             )
-        if cause is DisconnectReason.CLOSED:
-            return DEVICE_GONE_ERROR
-        return f"{DEVICE_GONE_ERROR} ({cause.value})"
+        return DEVICE_GONE_ERROR
 
     async def interrupt_all(
         self,

@@ -41,7 +41,9 @@ class KeepTransport:
 
 
 def _protocol(websocket: WebSocket) -> Any:
-    return getattr(websocket.scope.get(SCOPE_KEY), "__self__", None)
+    scope = getattr(websocket, "scope", None)
+    send = scope.get(SCOPE_KEY) if isinstance(scope, dict) else None
+    return getattr(send, "__self__", None)
 
 
 async def probe(websocket: WebSocket, within: float) -> bool | None:

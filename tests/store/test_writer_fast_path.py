@@ -292,6 +292,14 @@ def _samples() -> dict[str, dict[str, Any]]:
             "p_at": at,
         },
         "run_stopped": {"p_run_id": "run", "p_at": at},
+        "ban": {
+            "p_kind": "client_id",
+            "p_subject": "c-1",
+            "p_connects": 16,
+            "p_at": at,
+            "p_until": at + timedelta(minutes=5),
+            "p_server_run_id": "run",
+        },
         "bus_message": {
             "p_target_run_id": "run-2",
             "p_source_run_id": "run",
@@ -344,6 +352,7 @@ class TestPreparedStatements:
                             # A single-row INSERT asks for its new id on PostgreSQL; the writer,
                             # which never needs it, runs the executemany form without RETURNING.
                             sql = sql.removesuffix(" RETURNING inbox.id")
+                            sql = sql.removesuffix(" RETURNING bans.id")
                             assert fast.sql == sql
                             bound = fast.bind(samples[kind])
                             assert _comparable(bound) == _comparable(parameters)
