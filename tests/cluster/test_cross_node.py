@@ -279,3 +279,56 @@ def test_a_node_on_a_multi_host_url_joins_through_the_writable_host(
 
     end = run(scenario())
     assert (end["status"], end["result"]) == ("completed", "ok")
+
+
+def _start_task(constellation: AipClient, client_id: str, device_id: str, session_id: str) -> Any:
+    return constellation.send(
+        type="task",
+        client_type="constellation",
+        client_id=client_id,
+        target_id=device_id,
+        session_id=session_id,
+        request="long",
+        status="continue",
+    )
+
+
+def test_a_constellation_leaving_cancels_its_session_on_the_devices_node(
+    node: Callable[..., ServeProcess], db: Engine
+) -> None:
+    """The constellation on B disconnects: A cancels the session and tells the device."""
+    a, b = node("a"), node("b")
+
+    async def scenario() -> dict[str, Any]:
+        device = await _device(a.ws_url, "x-dev-10")
+        constellation = await _constellation(b.ws_url, "x-con-10@x-dev-10", "x-dev-10")
+        await _start_task(constellation, "x-con-10@x-dev-10", "x-dev-10", "x-s10")
+        await device.recv_type("task", timeout=10)
+        await constellation.close()
+        return await device.recv_type("task_end", timeout=10)
+
+    end = run(scenario())
+    assert (end["status"], end["session_id"]) == ("failed", "x-s10")
+    [row] = [r for r in _sessions(db) if r.session_id == "x-s10"]
+    assert (row.state, row.reason) == ("cancelled", "constellation_disconnected")
+
+
+def test_a_device_leaving_fails_its_session_and_tells_the_constellation_elsewhere(
+    node: Callable[..., ServeProcess], db: Engine
+) -> None:
+    """The device on A disconnects: its session fails and the constellation on B is told."""
+    a, b = node("a"), node("b")
+
+    async def scenario() -> dict[str, Any]:
+        device = await _device(a.ws_url, "x-dev-11")
+        constellation = await _constellation(b.ws_url, "x-con-11@x-dev-11", "x-dev-11")
+        await _start_task(constellation, "x-con-11@x-dev-11", "x-dev-11", "x-s11")
+        await device.recv_type("task", timeout=10)
+        await device.close()
+        return await constellation.recv_type("task_end", timeout=10)
+
+    end = run(scenario())
+    assert (end["status"], end["session_id"]) == ("failed", "x-s11")
+    assert end["error"] == "Task was cancelled because target device disconnected"
+    [row] = [r for r in _sessions(db) if r.session_id == "x-s11"]
+    assert (row.state, row.reason) == ("failed", "device_disconnected")
