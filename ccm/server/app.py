@@ -17,7 +17,7 @@ from ccm.devices import DeviceConfigs
 from ccm.errors import CcmError
 from ccm.metrics import Metrics
 from ccm.server.api import router as api_router
-from ccm.server.auth import LocalOnlyGuard, is_loopback_bind
+from ccm.server.auth import KeyRing, LocalOnlyGuard, is_loopback_bind
 from ccm.server.dashboard import router as dashboard_router
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
@@ -31,15 +31,17 @@ logger = logging.getLogger(__name__)
 def create_app(
     settings: Settings,
     *,
-    api_key: str,
+    api_key: str | KeyRing,
     runners: list[SessionRunner] | None = None,
 ) -> FastAPI:
     """Build the app. Nothing is opened or written until the lifespan starts (the caller
-    resolves the API key: `ccm.server.auth.resolve_api_key` may create the key file)."""
+    resolves the API keys: `ccm.server.auth.key_ring` may create the key file). `api_key` is
+    one key, or the KeyRing of the settings' keys (the key file read again when it changes)."""
     if runners is None:
         runners = [ToolPlanRunner()]
         if settings.server.agent_runner:
             runners.append(load_runner(settings.server.agent_runner))
+    keys = api_key if isinstance(api_key, KeyRing) else KeyRing([api_key])
     device_configs = DeviceConfigs(settings.device_config)  # a bad file fails here, at start
     metrics = Metrics()
 
@@ -65,7 +67,7 @@ def create_app(
         description="Client Connection Manager: live registry and SQL history for AIP clients.",
         lifespan=lifespan,
     )
-    app.state.api_key = api_key
+    app.state.keys = keys
     app.state.settings = settings
     app.state.metrics = metrics
     # /ws first, as a plain Starlette route: every connection is matched against the routes
