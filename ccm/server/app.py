@@ -19,6 +19,7 @@ from ccm.metrics import Metrics
 from ccm.server.api import router as api_router
 from ccm.server.auth import KeyRing, LocalOnlyGuard, is_loopback_bind
 from ccm.server.dashboard import router as dashboard_router
+from ccm.server.docs import install_docs
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
 from ccm.server.ws import websocket_endpoint
@@ -66,6 +67,7 @@ def create_app(
         version=VERSION,
         description="Client Connection Manager: live registry and SQL history for AIP clients.",
         lifespan=lifespan,
+        openapi_url=None,  # install_docs serves it as server.docs says
     )
     app.state.keys = keys
     app.state.settings = settings
@@ -75,6 +77,7 @@ def create_app(
     app.router.routes.insert(0, WebSocketRoute("/ws", websocket_endpoint))
     app.include_router(api_router)
     app.include_router(dashboard_router)
+    install_docs(app, settings.server.docs)
 
     @app.exception_handler(CcmError)
     async def _ccm_error(_request: Request, exc: CcmError) -> JSONResponse:
