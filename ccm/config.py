@@ -295,16 +295,21 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
 
 
 def _validate(data: Mapping[str, Any], origins: Origins, problems: list[str]) -> Settings:
+    """The settings, or SettingsInvalid with every problem: those found while reading, empty
+    values, and what the model refuses."""
+    blank = list(blank_strings(data))
     problems = problems + [
         f"{origins.of(path)}: {dotted(path)} is empty: give a value, or leave it out for the "
         "default"
-        for path in blank_strings(data)
+        for path in blank
     ]
-    if not problems:
-        try:
-            return Settings.model_validate(data)
-        except ValidationError as exc:
-            problems = problems_of(exc, origins, SETTING_KEYS)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems += problems_of(exc, origins, SETTING_KEYS, skip=blank)
+    else:
+        if not problems:
+            return settings
     raise SettingsInvalid(problems)
 
 

@@ -22,7 +22,7 @@ from ccm.yamlfile import YamlDocument, read_text, read_yaml
 
 JSONDict = dict[str, Any]
 
-TOP_LEVEL_KEYS = {("devices",): True}
+TOP_LEVEL_KEYS: dict[tuple[str, ...], bool] = {("devices",): True}
 """The only key a device config file has at the top; anything else is a typo (`device:` would
 otherwise load zero devices without a word)."""
 
@@ -119,7 +119,7 @@ class DeviceConfigs:
         return copy.deepcopy(entry) if entry is not None else None
 
     def reload(self) -> int:
-        """Re-read the file; on error the previous entries stay in force. Returns the entry count."""
+        """Re-read the file; on error the previous entries stay in force. Returns the count."""
         if self.path is None:
             return 0
         entries = load_device_configs(self.path)

@@ -133,17 +133,28 @@ def blank_strings(data: object, path: KeyPath = ()) -> Iterator[KeyPath]:
     if isinstance(data, Mapping):
         for key, value in data.items():
             yield from blank_strings(value, (*path, str(key)))
-    elif isinstance(data, list) and any(isinstance(v, str) and not v.strip() for v in data):
-        yield path
+    elif isinstance(data, list):
+        if any(isinstance(v, str) and not v.strip() for v in data):
+            yield path
     elif isinstance(data, str) and not data.strip():
         yield path
 
 
-def problems_of(exc: ValidationError, origins: Origins, keys: Mapping[KeyPath, bool]) -> list[str]:
-    """One line per error: `<source>: <key> <what is wrong, what to write>`."""
+def problems_of(
+    exc: ValidationError,
+    origins: Origins,
+    keys: Mapping[KeyPath, bool],
+    *,
+    skip: list[KeyPath] | None = None,
+) -> list[str]:
+    """One line per error: `<source>: <key> <what is wrong, what to write>`; errors at the
+    paths in `skip` (already reported) are left out."""
     problems = []
     for error in sorted(exc.errors(), key=lambda e: origins.rank(tuple(e["loc"]))):
         loc = tuple(error["loc"])
+        keys_of_loc = tuple(str(p) for p in loc)
+        if any(keys_of_loc[: len(done)] == done for done in skip or []):
+            continue
         if error["type"] == "extra_forbidden":
             path = tuple(str(p) for p in loc)
             problems.append(f"{origins.of(loc)}: unknown key '{dotted(loc)}'{suggest(path, keys)}")

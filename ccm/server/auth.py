@@ -273,7 +273,7 @@ def _host_name(host_header: str) -> str:
 
 def _origin_is_local(origin: str) -> bool:
     match = re.match(r"^[a-z][a-z0-9+.-]*://([^/]+)", origin.strip().lower())
-    return bool(match) and _host_name(match.group(1)) in LOCAL_HOSTS
+    return match is not None and _host_name(match.group(1)) in LOCAL_HOSTS
 
 
 class LocalOnlyGuard:
