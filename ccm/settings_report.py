@@ -12,17 +12,12 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import StrEnum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from ccm.errors import ConfigError
 from ccm.yamlfile import KeyPath, dotted
-
-if TYPE_CHECKING:
-    from ccm.config import Settings
 
 
 class SettingsInvalid(ConfigError):
@@ -184,7 +179,9 @@ def format_duration(value: timedelta) -> str:
     return f"{ms}ms"
 
 
-def _masked(name: str, value: Any, fingerprint: Callable[[str], str]) -> Any:
+def masked(name: str, value: Any, fingerprint: Callable[[str], str]) -> Any:
+    """A value as `ccm config check` shows it: secrets (found by name: `*key*`, `*password*`,
+    `*secret*`, `*token*`) as `*** (fingerprint)`, the password of a `url` as `***`."""
     if name == "url" and isinstance(value, str):
         return mask_url(value)
     if name in _NOT_SECRET or not any(word in name for word in _SECRET_WORDS):
@@ -194,24 +191,3 @@ def _masked(name: str, value: Any, fingerprint: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return f"*** ({fingerprint(value)})"
     return value
-
-
-def effective_settings(settings: Settings, fingerprint: Callable[[str], str]) -> dict[str, Any]:
-    """The settings as JSON-ready data, written as a file would write them (`7d`, not seconds),
-    secrets as `*** (fingerprint)` and passwords in URLs as `***`. Secrets are found by name
-    (`*key*`, `*password*`, `*secret*`, `*token*`; `url`), so a new section needs no code here."""
-
-    def walk(node: Any, name: str) -> Any:
-        if isinstance(node, dict):
-            return {k: walk(v, k) for k, v in node.items()}
-        if isinstance(node, timedelta):
-            return format_duration(node)
-        if isinstance(node, StrEnum):
-            return node.value
-        if isinstance(node, Path):
-            return str(node)
-        return _masked(name, node, fingerprint)
-
-    result: dict[str, Any] = walk(settings.model_dump(), "")
-    result["database_url"] = mask_url(settings.database_url)
-    return result

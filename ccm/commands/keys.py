@@ -67,8 +67,9 @@ def key_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 @key_app.command("add")
 def key_add(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Add a new random key to the key file and print it once; a running server accepts it at
-    once, beside the old ones."""
+    """Add a new random key to the key file and print it once (accepted at once, beside the old).
+
+    A running server reads the key file again when it changes."""
     settings = load(config)
     _refuse_when_configured(settings)
     path = _key_file(settings)

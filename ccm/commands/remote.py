@@ -110,8 +110,7 @@ def dispatch(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Send a task to a device through the running server's HTTP API (`POST /api/dispatch`);
-    with --wait, print how it ended (exit 1 unless it completed)."""
+    """Send a task to a device through the running server; --wait prints how it ended."""
     settings = load(config)
     limit = duration("--timeout", timeout).total_seconds()
     with ServerApi(url or server_url(settings), client_key(settings, api_key)) as api:
