@@ -107,6 +107,7 @@ def serve(
         configured_keys,
         fingerprint,
         key_ring,
+        read_key_file,
         resolve_api_key,
     )
     from ccm.server.serve import run_server
@@ -146,7 +147,8 @@ def serve(
         prints = ", ".join(fingerprint(k) for k in configured_keys(settings))
         say(f"API keys {prints} from the settings", console=err)
     else:
-        say(f"API keys read from {where} (`ccm key list` shows them)", console=err)
+        prints = ", ".join(fingerprint(k) for k in read_key_file(where))
+        say(f"API keys {prints} read from {where} (`ccm key` adds and revokes)", console=err)
     run_server(create_app(settings, api_key=key_ring(settings)), settings)
 
 
