@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -23,16 +23,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ccm.errors import ConfigError
-from ccm.settings_report import (
-    Origins,
-    SettingsInvalid,
-    blank_strings,
-    format_duration,
-    mask_url,
-    masked,
-    problems_of,
-    shown,
-)
+from ccm.settings_report import Origins, SettingsInvalid, blank_strings, problems_of, shown
 from ccm.yamlfile import KeyPath, dotted, read_text, read_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/ccm.yaml")
@@ -398,24 +389,3 @@ def load_settings(
                 continue
             _set_path(data, key_path, _env_value(var, env[var], key_path))
     return _validate(data, origins, problems)
-
-
-def effective_settings(settings: Settings, fingerprint: Callable[[str], str]) -> dict[str, Any]:
-    """The settings as JSON-ready data, written as a file would write them (`7d`, not seconds),
-    secrets as `*** (fingerprint)` and passwords in URLs as `***`. Secrets are found by name
-    (`*key*`, `*password*`, `*secret*`, `*token*`; `url`), so a new section needs no code here."""
-
-    def walk(node: Any, name: str) -> Any:
-        if isinstance(node, dict):
-            return {k: walk(v, k) for k, v in node.items()}
-        if isinstance(node, timedelta):
-            return format_duration(node)
-        if isinstance(node, StrEnum):
-            return node.value
-        if isinstance(node, Path):
-            return str(node)
-        return masked(name, node, fingerprint)
-
-    result: dict[str, Any] = walk(settings.model_dump(), "")
-    result["database_url"] = mask_url(settings.database_url)
-    return result

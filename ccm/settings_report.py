@@ -12,9 +12,11 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ccm.errors import ConfigError
 from ccm.yamlfile import KeyPath, dotted
@@ -191,3 +193,26 @@ def masked(name: str, value: Any, fingerprint: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return f"*** ({fingerprint(value)})"
     return value
+
+
+def effective_settings(settings: BaseModel, fingerprint: Callable[[str], str]) -> dict[str, Any]:
+    """The settings as JSON-ready data, written as a file would write them (`7d`, not seconds),
+    secrets as `*** (fingerprint)` and passwords in URLs as `***`. Secrets are found by name
+    (`*key*`, `*password*`, `*secret*`, `*token*`; `url`), so a new section needs no code here."""
+
+    def walk(node: Any, name: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, timedelta):
+            return format_duration(node)
+        if isinstance(node, StrEnum):
+            return node.value
+        if isinstance(node, Path):
+            return str(node)
+        return masked(name, node, fingerprint)
+
+    result: dict[str, Any] = walk(settings.model_dump(), "")
+    database_url = getattr(settings, "database_url", None)  # Settings' property: the URL in use
+    if isinstance(database_url, str):
+        result["database_url"] = mask_url(database_url)
+    return result

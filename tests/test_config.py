@@ -17,14 +17,13 @@ from ccm.config import (
     DuplicatePolicy,
     LogLevel,
     Settings,
-    effective_settings,
     load_settings,
     parse_duration,
 )
 from ccm.devices import load_device_configs
 from ccm.errors import ConfigError
 from ccm.server.auth import fingerprint
-from ccm.settings_report import SettingsInvalid
+from ccm.settings_report import SettingsInvalid, effective_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,11 @@ import yaml
 from ccm.commands.options import ConfigOpt, JsonOpt, UrlOpt, database_errors, load, sqlite_file
 from ccm.commands.output import out, print_json, say
 from ccm.commands.ports import METRICS_PORT, SERVER_PORT, check_port
-from ccm.config import Settings, effective_settings
+from ccm.config import Settings
 from ccm.devices import DeviceConfigs
 from ccm.errors import CcmError, ConfigError
 from ccm.server.auth import API_KEY_FILE, configured_keys, fingerprint, read_key_file
-from ccm.settings_report import SettingsInvalid, mask_url
+from ccm.settings_report import SettingsInvalid, effective_settings, mask_url
 from ccm.store import migrate
 from ccm.store.engine import is_sqlite, make_engine
 
