@@ -27,6 +27,7 @@ from ccm.commands.options import (
     NoArgsIsHelpError,
     UrlOpt,
     UsageError,
+    database_errors,
     duration,
     load,
     not_empty,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from ccm.server.auth import (
     resolve_api_key,
     revoke_key,
 )
+from tests.support import free_port
 
 runner = CliRunner()
 CCM = Path(sys.executable).parent / "ccm"
@@ -165,17 +165,11 @@ class TestKeyFile:
         assert ring.match("old-key", Via.HTTP) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def serving(key_file: Path) -> Iterator[tuple[Path, str]]:
     """`ccm serve` (the real command, no database) on its key file; yields (config, base URL)."""
     config = key_file.parent.parent / "ccm.yaml"
-    port = _free_port()
+    port = free_port()
     config.write_text(
         f"data_dir: {key_file.parent}\ndatabase:\n  enabled: false\nserver:\n  port: {port}\n",
         encoding="utf-8",
