@@ -10,9 +10,7 @@ The checks read the models, so a section or key added to `Settings` is covered w
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
@@ -22,40 +20,19 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ccm.durations import DURATION_EXAMPLES, Duration, parse_duration
 from ccm.errors import ConfigError
-from ccm.settings_report import Origins, SettingsInvalid, blank_strings, problems_of, shown
+from ccm.settings_report import (
+    Origins,
+    SettingsInvalid,
+    blank_strings,
+    problems_of,
+    unknown_variables,
+)
 from ccm.yamlfile import KeyPath, dotted, read_text, read_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/ccm.yaml")
-
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)$")
-_BARE_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
-DURATION_EXAMPLES = "30s, 15m, 12h, 7d, 2w"
-
-
-def parse_duration(value: object) -> timedelta:
-    """Parse `500ms`, `30s`, `15m`, `12h`, `7d`, `2w`.
-
-    A bare number is refused: `7` could mean seconds or days, and `cleanup --finished-before 7`
-    read as seconds deletes the whole history. An empty value is refused, not defaulted."""
-    if isinstance(value, timedelta):
-        return value
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"is empty: give a duration with a unit ({DURATION_EXAMPLES})")
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        text = str(value).strip()
-        if _BARE_NUMBER.match(text):
-            raise ValueError(f"{text} has no unit: write {text}s, {text}m, {text}h or {text}d")
-        match = _DURATION.match(text)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    raise ValueError(
-        f"{shown(value)} is not a duration: write a number and a unit ({DURATION_EXAMPLES})"
-    )
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+__all__ = ["DURATION_EXAMPLES", "Duration", "Settings", "load_settings", "parse_duration"]
 
 
 def _upper(value: object) -> object:
@@ -228,13 +205,17 @@ class Settings(_Section):
         self, overrides: Mapping[str, Any], *, source: str = "command line"
     ) -> Settings:
         """A copy with dotted keys replaced (`{"server.port": 8000}`), validated again; None
-        values (an option not given) are skipped."""
+        values (an option not given) are skipped. For the Python callers of this method (tests,
+        code embedding ccm), a duration may be a timedelta or a number of seconds; text still
+        needs its unit, as in the file and the environment."""
         data = self.model_dump()
         origins = Origins()
         for key, value in overrides.items():
             if value is None:
                 continue
             path = tuple(key.split("."))
+            if isinstance(_get_path(data, path), timedelta) and _is_number(value):
+                value = timedelta(seconds=value)
             _set_path(data, path, value)
             origins.set(path, source)
         return _validate(data, origins, [])
@@ -271,27 +252,13 @@ ENV_KEYS = {
 }
 """Every `CCM_*` variable that overrides a key, and the key's path."""
 
-NOT_SETTINGS = ("CCM_CONFIG",)
-"""`CCM_*` variables ccm reads that are not keys."""
-TEST_PREFIXES = ("CCM_TEST_", "CCM_REQUIRE_", "CCM_RELIABILITY_", "CCM_BENCH_")
-"""Variables of the test suite and the benchmarks, never read by ccm itself."""
 _VERBATIM = {"url", "api_key", "api_keys"}
 """Keys whose environment value is taken as text, never read as YAML (secrets and URLs)."""
 
 
 def environment_problems(environ: Mapping[str, str]) -> list[str]:
-    """`CCM_*` variables that are not settings, so a typo (`CCM_SERVER_PROT`) cannot silently
-    leave the default in force; one line each, with the closest variable that is one."""
-    problems = []
-    for var in sorted(environ):
-        if not var.startswith("CCM_") or var in ENV_KEYS or var in NOT_SETTINGS:
-            continue
-        if var.startswith(TEST_PREFIXES):
-            continue
-        close = difflib.get_close_matches(var, [*ENV_KEYS, *NOT_SETTINGS], n=1, cutoff=0.75)
-        hint = f"did you mean {close[0]}?" if close else "config/ccm.yaml lists the keys"
-        problems.append(f"environment variable {var} is not a ccm setting: {hint} (or unset it)")
-    return problems
+    """`CCM_*` variables that are not settings (see `settings_report.unknown_variables`)."""
+    return unknown_variables(environ, ENV_KEYS)
 
 
 def _validate(data: Mapping[str, Any], origins: Origins, problems: list[str]) -> Settings:
@@ -331,6 +298,19 @@ def _read_settings_file(path: Path, origins: Origins, problems: list[str]) -> di
                 "the default"
             )
     return data
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _get_path(data: Mapping[str, Any], path: KeyPath) -> Any:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _set_path(data: dict[str, Any], path: KeyPath, value: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
@@ -157,6 +157,26 @@ def problems_of(
             problems.append(f"{origins.of(loc)}: unknown key '{dotted(loc)}'{suggest(path, keys)}")
         else:
             problems.append(f"{origins.of(loc)}: {dotted(loc)} {_problem(error)}")
+    return problems
+
+
+NOT_SETTINGS = ("CCM_CONFIG",)
+"""`CCM_*` variables ccm reads that are not keys."""
+TEST_PREFIXES = ("CCM_TEST_", "CCM_REQUIRE_", "CCM_RELIABILITY_", "CCM_BENCH_")
+"""Variables of the test suite and the benchmarks, never read by ccm itself."""
+
+
+def unknown_variables(environ: Mapping[str, str], settings: Iterable[str]) -> list[str]:
+    """`CCM_*` variables that are not settings, so a typo (`CCM_SERVER_PROT`) cannot silently
+    leave the default in force; one line each, with the closest variable that is one."""
+    known = [*settings, *NOT_SETTINGS]
+    problems = []
+    for var in sorted(environ):
+        if not var.startswith("CCM_") or var in known or var.startswith(TEST_PREFIXES):
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "config/ccm.yaml lists the keys"
+        problems.append(f"environment variable {var} is not a ccm setting: {hint} (or unset it)")
     return problems
 
 

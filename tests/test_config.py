@@ -413,6 +413,13 @@ class TestWithOverrides:
             base.with_overrides({"server.port": -1}, source="--port")
         assert str(excinfo.value) == "--port: server.port must be at least 0, not -1"
 
+    def test_python_callers_may_give_seconds(self, in_empty_dir: Path):
+        """A number from Python code is seconds; text from the same call still needs a unit."""
+        settings = Settings().with_overrides({"server.heartbeat_interval": 0.5})
+        assert settings.server.heartbeat_interval == timedelta(seconds=0.5)
+        with pytest.raises(ConfigError, match=r"0\.5 has no unit"):
+            Settings().with_overrides({"server.heartbeat_interval": "0.5"})
+
     def test_empty_override_is_refused(self, in_empty_dir: Path):
         """An empty string from the command line is refused, not read as the default."""
         with pytest.raises(ConfigError, match=r"command line: database\.url is empty"):

@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ccm.errors",
         "ccm.yamlfile",
         "ccm.settings_report",
+        "ccm.durations",
         "ccm.config",
         "ccm.version",
     ),
