@@ -2,13 +2,15 @@
 
 Every key has a default, so a missing file is fine unless it was named explicitly. Nested keys map
 to environment variables by joining the path with `_`: `cleanup.finished_before` is
-`CCM_CLEANUP_FINISHED_BEFORE`. Invalid values fail at start with the key named.
+`CCM_CLEANUP_FINISHED_BEFORE`. What cannot be right stops the start with one line naming where
+the value came from (file and line, or variable) and what to write instead: unknown keys and
+unknown `CCM_*` variables (with a "did you mean"), durations without a unit, empty values.
+The checks read the models, so a section or key added to `Settings` is covered without more code.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
@@ -18,28 +20,23 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ccm.durations import DURATION_EXAMPLES, Duration, parse_duration
 from ccm.errors import ConfigError
+from ccm.settings_report import (
+    Origins,
+    SettingsInvalid,
+    blank_strings,
+    problems_of,
+    unknown_variables,
+)
+from ccm.yamlfile import KeyPath, dotted, read_text, read_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/ccm.yaml")
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+__all__ = ["DURATION_EXAMPLES", "Duration", "Settings", "load_settings", "parse_duration"]
 
 
-def parse_duration(value: object) -> timedelta:
-    """Parse `90`, `30s`, `15m`, `12h`, `7d`, `2w` (a bare number is seconds)."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=float(value))
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 12h, 7d)")
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
 
 
 class DuplicatePolicy(StrEnum):
@@ -54,6 +51,30 @@ class SqliteSynchronous(StrEnum):
     EXTRA = "EXTRA"
 
 
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class DocsMode(StrEnum):
+    """Who may read the OpenAPI description of the HTTP API."""
+
+    KEY = "key"
+    """`/openapi.json` needs `X-API-Key` like every route; no `/docs` or `/redoc` pages (a
+    browser cannot send the header to them)."""
+    PUBLIC = "public"
+    """`/openapi.json`, `/docs` and `/redoc` without a key: for a development machine."""
+    OFF = "off"
+    """None of them."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -65,7 +86,9 @@ class DatabaseSettings(_Section):
     history endpoints answer 503."""
     url: str | None = None
     """SQLAlchemy URL; None means SQLite at `<data_dir>/ccm.db`."""
-    sqlite_synchronous: SqliteSynchronous = SqliteSynchronous.NORMAL
+    sqlite_synchronous: Annotated[SqliteSynchronous, BeforeValidator(_upper)] = (
+        SqliteSynchronous.NORMAL
+    )
     pool_size: int = Field(default=5, ge=1)
 
 
@@ -91,6 +114,10 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=5000, ge=0, le=65535)
     api_key: str | None = None
+    """One key for clients; with `api_keys` empty too, keys come from `<data_dir>/api_key`."""
+    api_keys: list[str] = Field(default_factory=list)
+    """More keys, all accepted at once (rotation: add the new one, move clients, drop the old)."""
+    docs: DocsMode = DocsMode.KEY
     heartbeat_interval: Duration = timedelta(seconds=120)
     """Expected client heartbeat period; silence for 1.5x this closes the connection."""
     last_seen_interval: Duration = timedelta(seconds=60)
@@ -105,9 +132,9 @@ class ServerSettings(_Section):
     allowed_hosts: list[str] = Field(default_factory=list)
     """Extra Host header values accepted when bound to loopback (DNS-rebinding guard)."""
     allow_unscoped_constellations: bool = False
-    max_live_sessions_per_client: int = Field(default=1000, ge=1)
-    """Sessions one client may have running at once (6.13: no unbounded growth per peer)."""
     """Let a constellation that registered without target_id task and query any device."""
+    max_live_sessions_per_client: int = Field(default=1000, ge=1)
+    """Sessions one client may have running at once (no unbounded growth per peer)."""
     agent_runner: str | None = None
     """`package.module:factory` building a runner for natural-language tasks (an LLM agent)."""
 
@@ -122,8 +149,8 @@ class MetricsSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    level: str = "INFO"
-    format: str = Field(default="text", pattern="^(text|json)$")
+    level: Annotated[LogLevel, BeforeValidator(_upper)] = LogLevel.INFO
+    format: LogFormat = LogFormat.TEXT
 
 
 class FlappingSettings(_Section):
@@ -174,81 +201,139 @@ class Settings(_Section):
             return self.database.url
         return f"sqlite:///{(self.data_dir / 'ccm.db').as_posix()}"
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
-        """A copy with dotted keys replaced (`{"server.port": 8000}`), validated again."""
+    def with_overrides(
+        self, overrides: Mapping[str, Any], *, source: str = "command line"
+    ) -> Settings:
+        """A copy with dotted keys replaced (`{"server.port": 8000}`), validated again; None
+        values (an option not given) are skipped. For the Python callers of this method (tests,
+        code embedding ccm), a duration may be a timedelta or a number of seconds; text still
+        needs its unit, as in the file and the environment."""
         data = self.model_dump()
-        for dotted, value in overrides.items():
+        origins = Origins()
+        for key, value in overrides.items():
             if value is None:
                 continue
-            _set_path(data, dotted.split("."), value)
-        return _validate(data, source="command line")
+            path = tuple(key.split("."))
+            if isinstance(_get_path(data, path), timedelta) and _is_number(value):
+                value = timedelta(seconds=value)
+            _set_path(data, path, value)
+            origins.set(path, source)
+        return _validate(data, origins, [])
 
 
-def _env_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
-    keys: dict[str, tuple[str, ...]] = {}
-    for name, field in model.model_fields.items():
+# -- the models, walked ------------------------------------------------------------------------
+
+
+def _section_model(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _keys(model: type[BaseModel], prefix: KeyPath = ()) -> dict[KeyPath, bool]:
+    """Every key path of `model`, mapped to whether it is a section (a mapping of keys)."""
+    keys: dict[KeyPath, bool] = {}
+    for name, info in model.model_fields.items():
         path = (*prefix, name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.update(_env_keys(annotation, path))
-        else:
-            keys["CCM_" + "_".join(path).upper()] = path
+        section = _section_model(info.annotation)
+        keys[path] = section is not None
+        if section is not None:
+            keys.update(_keys(section, path))
     return keys
 
 
-ENV_KEYS = _env_keys(Settings)
+SETTING_KEYS = _keys(Settings)
+"""Every key path in the settings, True for sections."""
+
+ENV_KEYS = {
+    "CCM_" + "_".join(path).upper(): path
+    for path, is_section in SETTING_KEYS.items()
+    if not is_section
+}
 """Every `CCM_*` variable that overrides a key, and the key's path."""
 
+_VERBATIM = {"url", "api_key", "api_keys"}
+"""Keys whose environment value is taken as text, never read as YAML (secrets and URLs)."""
 
-def _set_path(data: dict[str, Any], path: list[str] | tuple[str, ...], value: Any) -> None:
+
+def environment_problems(environ: Mapping[str, str]) -> list[str]:
+    """`CCM_*` variables that are not settings (see `settings_report.unknown_variables`)."""
+    return unknown_variables(environ, ENV_KEYS)
+
+
+def _validate(data: Mapping[str, Any], origins: Origins, problems: list[str]) -> Settings:
+    """The settings, or SettingsInvalid with every problem: those found while reading, empty
+    values, and what the model refuses."""
+    blank = list(blank_strings(data))
+    problems = problems + [
+        f"{origins.of(path)}: {dotted(path)} is empty: give a value, or leave it out for the "
+        "default"
+        for path in blank
+    ]
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems += problems_of(exc, origins, SETTING_KEYS, skip=blank)
+    else:
+        if not problems:
+            return settings
+    raise SettingsInvalid(problems)
+
+
+def _read_settings_file(path: Path, origins: Origins, problems: list[str]) -> dict[str, Any]:
+    document = read_yaml(read_text(path, "config file"), path)
+    if document.data is None:
+        return {}
+    if not isinstance(document.data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (`server:` ...)")
+    data: dict[str, Any] = document.data
+    for key, line in document.lines.items():
+        origins.set(key, f"{path}, line {line}")
+    for key in sorted(document.empty, key=document.lines.__getitem__):
+        if SETTING_KEYS.get(key):  # an empty section (`server:` with nothing under it)
+            _set_path(data, key, {})
+        elif key in SETTING_KEYS:
+            problems.append(
+                f"{document.where(key)}: {dotted(key)} is empty: write a value, or null for "
+                "the default"
+            )
+    return data
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _get_path(data: Mapping[str, Any], path: KeyPath) -> Any:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set_path(data: dict[str, Any], path: KeyPath, value: Any) -> None:
     node = data
     for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config key '{part}' must be a mapping")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{part}' must be a mapping of keys")
+        node = child
     node[path[-1]] = value
 
 
-def _validate(data: Mapping[str, Any], *, source: str) -> Settings:
+def _env_value(var: str, raw: str, key_path: KeyPath) -> Any:
+    if key_path[-1] == "api_keys":
+        return [part.strip() for part in raw.split(",")]
+    if key_path[-1] in _VERBATIM:
+        return raw  # never reinterpret secrets or URLs as YAML
     try:
-        return Settings.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration in {source}: {problems}") from None
-
-
-def parse_yaml(text: str, path: Path) -> object:
-    """YAML to Python; a syntax error becomes a ConfigError naming the file and line."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
-        raise ConfigError(f"{path}, line {line}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-
-
-def read_text(path: Path, what: str) -> str:
-    """A config file's text; a missing, unreadable or non-UTF-8 file is a ConfigError."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text: {exc.reason}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    data = parse_yaml(read_text(path, "config file"), path)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return data
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"environment variable {var}: cannot read {raw!r} as a value for {dotted(key_path)}"
+        ) from None
 
 
 def load_settings(
@@ -259,29 +344,28 @@ def load_settings(
     """Read settings from `path` (or `$CCM_CONFIG`, or `config/ccm.yaml` if present) and the env.
 
     A file that was named (argument or `CCM_CONFIG`) must exist; the default path is optional.
+    Every problem found is reported (SettingsInvalid.problems), not only the first.
     """
     env = os.environ if environ is None else environ
+    problems = environment_problems(env)
+    origins = Origins()
+    if "CCM_CONFIG" in env and not env["CCM_CONFIG"].strip():
+        raise ConfigError("environment variable CCM_CONFIG is empty: name a file, or unset it")
     named = path or (Path(env["CCM_CONFIG"]) if env.get("CCM_CONFIG") else None)
     if named is not None:
-        data = _read_yaml(named)
-        source = str(named)
+        data = _read_settings_file(named, origins, problems)
     elif DEFAULT_CONFIG_PATH.is_file():
-        data = _read_yaml(DEFAULT_CONFIG_PATH)
-        source = str(DEFAULT_CONFIG_PATH)
+        data = _read_settings_file(DEFAULT_CONFIG_PATH, origins, problems)
     else:
-        data, source = {}, "defaults"
+        data = {}
     for var, key_path in ENV_KEYS.items():
         if var in env:
-            raw = env[var]
-            value: Any
-            if key_path[-1] in {"url", "api_key"}:
-                value = raw  # never reinterpret secrets or URLs as YAML
-            else:
-                try:
-                    value = yaml.safe_load(raw) if raw.strip() else None
-                except yaml.YAMLError:
-                    key = ".".join(key_path)
-                    raise ConfigError(f"{var} (config key '{key}'): cannot parse {raw!r}") from None
-            _set_path(data, key_path, value)
-            source = f"{source} + environment"
-    return _validate(data, source=source)
+            origins.set(key_path, f"environment variable {var}")
+            if not env[var].strip():
+                problems.append(
+                    f"environment variable {var} is empty: give {dotted(key_path)} a value, or "
+                    f"unset {var} for the default"
+                )
+                continue
+            _set_path(data, key_path, _env_value(var, env[var], key_path))
+    return _validate(data, origins, problems)

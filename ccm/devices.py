@@ -15,41 +15,69 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ccm.config import parse_yaml, read_text
+from ccm.domain import Mode
 from ccm.errors import ConfigError
+from ccm.settings_report import suggest
+from ccm.yamlfile import YamlDocument, read_text, read_yaml
 
 JSONDict = dict[str, Any]
 
+TOP_LEVEL_KEYS: dict[tuple[str, ...], bool] = {("devices",): True}
+"""The only key a device config file has at the top; anything else is a typo (`device:` would
+otherwise load zero devices without a word)."""
+
+
+def _document(path: Path) -> YamlDocument:
+    text = read_text(path, "device config file")
+    if path.suffix.lower() != ".json":
+        return read_yaml(text, path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}, line {exc.lineno}: {exc.msg}") from None
+    return YamlDocument(path, data, {}, frozenset())
+
 
 def load_device_configs(path: Path) -> dict[str, JSONDict]:
-    """Read a device config file; errors name the file (and the line, for syntax errors)."""
-    text = read_text(path, "device config file")
-    data: object
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}, line {exc.lineno}: {exc.msg}") from None
-    else:
-        data = parse_yaml(text, path)
+    """Read a device config file; errors name the file and the line."""
+    document = _document(path)
+    data = document.data
     if data is None:
         return {}
-    if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict):
+    if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a top-level 'devices:' mapping of device id to settings"
         )
+    for key in data:
+        if key != "devices":
+            hint = suggest((str(key),), TOP_LEVEL_KEYS) or "; the file holds one key, 'devices:'"
+            raise ConfigError(f"{document.where((str(key),))}: unknown key '{key}'{hint}")
     devices = data.get("devices") or {}
+    if not isinstance(devices, dict):
+        raise ConfigError(
+            f"{document.where(('devices',))}: 'devices' must be a mapping of device id to settings"
+        )
     result: dict[str, JSONDict] = {}
     for device_id, entry in devices.items():
+        where = document.where(("devices", str(device_id)))
         if entry is None:
             entry = {}
         if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: devices.{device_id} must be a mapping")
+            raise ConfigError(f"{where}: devices.{device_id} must be a mapping of settings")
         for key in ("tags", "additional_features"):
             if key in entry and not (
                 isinstance(entry[key], list) and all(isinstance(v, str) for v in entry[key])
             ):
-                raise ConfigError(f"{path}: devices.{device_id}.{key} must be a list of strings")
+                raise ConfigError(
+                    f"{document.where(('devices', str(device_id), key))}: "
+                    f"devices.{device_id}.{key} must be a list of strings, such as [a, b]"
+                )
+        if "execution" in entry and entry["execution"] not in {m.value for m in Mode}:
+            modes = " or ".join(m.value for m in Mode)
+            raise ConfigError(
+                f"{document.where(('devices', str(device_id), 'execution'))}: "
+                f"devices.{device_id}.execution must be {modes}, not {entry['execution']!r}"
+            )
         result[str(device_id)] = entry
     return result
 
@@ -91,7 +119,7 @@ class DeviceConfigs:
         return copy.deepcopy(entry) if entry is not None else None
 
     def reload(self) -> int:
-        """Re-read the file; on error the previous entries stay in force. Returns the entry count."""
+        """Re-read the file; on error the previous entries stay in force. Returns the count."""
         if self.path is None:
             return 0
         entries = load_device_configs(self.path)

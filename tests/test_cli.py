@@ -358,3 +358,117 @@ class TestCleanup:
         assert exited.value.code == 1
         assert "--finished-before '7x'" in capsys.readouterr().err
         assert _count(url, sessions) == 5
+
+
+class TestAuditTables:
+    def test_sessions_table_has_duration_reason_and_error(
+        self, config: Path, url: str, history: History
+    ) -> None:
+        """`audit sessions` shows how long each ran, and why it failed."""
+        result = _run(config, url, "audit", "sessions", "--state", "failed")
+
+        row = next(line for line in result.stdout.splitlines() if "s-old-fail" in line)
+        assert "failed" in row
+        assert "boom" in row
+        assert "0 ms" in row  # created and failed at the same instant
+        assert "duration" in result.stdout
+        assert "error" in result.stdout
+
+    def test_running_session_shows_its_time_so_far(
+        self, config: Path, url: str, history: History
+    ) -> None:
+        """A running session's duration counts from its start, marked as not over."""
+        result = _run(config, url, "audit", "sessions", "--state", "running", "--since", "1h")
+
+        row = next(line for line in result.stdout.splitlines() if "s-recent-run" in line)
+        assert "30 m" in row
+        assert "so far" in row
+
+    def test_ids_are_never_cut_in_a_narrow_terminal(
+        self, config: Path, url: str, history: History, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """At 60 columns cells fold onto more lines instead of ending in '…'; with --wide each
+        connection id is whole on its line."""
+        monkeypatch.setenv("COLUMNS", "60")
+        folded = _run(config, url, "audit", "connections", "dev-1").stdout
+        wide = _run(config, url, "audit", "connections", "dev-1", "--wide").stdout
+
+        assert "…" not in folded
+        for connection_id in history.dev1_connections:
+            assert connection_id not in folded  # it did not fit on one line at 60 columns
+            assert connection_id in wide
+
+    def test_connections_table_says_how_long_each_lasted(
+        self, config: Path, url: str, history: History
+    ) -> None:
+        """The open connection says `open`; the closed one how long it lasted (a day)."""
+        result = _run(config, url, "audit", "connections", "dev-1")
+
+        lines = result.stdout.splitlines()
+        open_row = next(line for line in lines if history.dev1_connections[0] in line)
+        closed_row = next(line for line in lines if history.dev1_connections[1] in line)
+        assert "open" in open_row
+        assert "so far" not in closed_row
+        assert "1 d 0 h" in closed_row
+        assert "heartbeat_timeout" in closed_row
+
+
+class TestAuditSession:
+    def test_story_json_has_the_device_connection_at_the_time(
+        self, config: Path, url: str, history: History
+    ) -> None:
+        """`audit session s-recent-done --json`: the row, its duration, and the connections of
+        the device and of the constellation that were open when it was created."""
+        story = _json(config, url, "audit", "session", "s-recent-done")
+
+        assert story["session"]["state"] == "completed"
+        assert story["session"]["result"] == {"ok": True}
+        assert story["duration_seconds"] == pytest.approx(3600, abs=1)
+        assert story["device_connection"]["connection_id"] == history.dev1_connections[0]
+        assert story["requester_connection"]["client_id"] == "con-1"
+        assert story["other_runs"] == []
+
+    def test_story_of_a_session_created_while_the_device_was_away(
+        self, config: Path, url: str, history: History
+    ) -> None:
+        """s-old-done ran while dev-1 had no open connection: the story says none."""
+        story = _json(config, url, "audit", "session", "s-old-done")
+
+        assert story["device_connection"] is None
+
+    def test_story_text_tells_the_whole_run(self, config: Path, url: str, history: History) -> None:
+        """The text form has the requester, state, times, duration and the result."""
+        text = _run(config, url, "audit", "session", "s-recent-done").stdout
+
+        assert "requester   con-1 (constellation)" in text
+        assert "state       completed" in text
+        assert "duration    1 h 00 m" in text
+        assert f"device connection     {history.dev1_connections[0]} from 10.0.0.1:2" in text
+        assert '"ok": true' in text
+
+    def test_story_by_run_id(self, config: Path, url: str, history: History) -> None:
+        """A run's own id (from --json or the dashboard) opens that run."""
+        run_id = _json(config, url, "audit", "session", "s-old-fail")["session"]["id"]
+
+        story = _json(config, url, "audit", "session", run_id)
+
+        assert story["session"]["session_id"] == "s-old-fail"
+        assert story["session"]["error"] == "boom"
+
+    def test_unknown_session_is_one_line(
+        self,
+        config: Path,
+        url: str,
+        history: History,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """An id that is not there says so and where to look."""
+        argv = ["ccm", "audit", "session", "nope", "--config", str(config), "--database-url", url]
+        monkeypatch.setattr(sys, "argv", argv)
+
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+
+        assert exited.value.code == 1
+        assert "no session 'nope'" in capsys.readouterr().err

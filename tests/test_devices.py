@@ -164,14 +164,48 @@ class TestLoadDeviceConfigs:
             load_device_configs(path)
 
     def test_malformed_yaml_names_file_and_line(self, tmp_path: Path):
-        """A YAML syntax error names the file and the line of the problem."""
+        """A YAML syntax error names the file and the line of the mistake (the unclosed '['),
+        not the line where the parser gave up."""
         path = tmp_path / "bad.yaml"
         path.write_text('devices:\n  d1:\n    tags: ["a", "b"\n    tier: x\n')
         with pytest.raises(ConfigError) as excinfo:
             load_device_configs(path)
-        message = str(excinfo.value)
-        assert str(path) in message
-        assert "line 4" in message
+        assert str(excinfo.value) == f"{path}, line 3: '[' is never closed"
+
+    def test_misspelled_top_level_key_is_refused_with_a_suggestion(self, tmp_path: Path):
+        """`device:` instead of `devices:` stops the load, naming the line and the right key,
+        instead of loading zero devices."""
+        path = tmp_path / "devices.yaml"
+        path.write_text("# lab machines\ndevice:\n  d1:\n    tags: [lab]\n")
+        with pytest.raises(ConfigError) as excinfo:
+            load_device_configs(path)
+        assert str(excinfo.value) == (
+            f"{path}, line 2: unknown key 'device'; did you mean 'devices'?"
+        )
+
+    def test_unrelated_top_level_key_says_what_the_file_holds(self, tmp_path: Path):
+        """A top-level key nothing like `devices` says the file holds only that key."""
+        path = tmp_path / "devices.yaml"
+        path.write_text("devices: {}\nservers: {}\n")
+        with pytest.raises(ConfigError, match="line 2: unknown key 'servers'; the file holds"):
+            load_device_configs(path)
+
+    def test_device_id_given_twice_is_refused(self, tmp_path: Path):
+        """A device id repeated in the file names both lines (YAML would keep the last)."""
+        path = tmp_path / "devices.yaml"
+        path.write_text("devices:\n  d1:\n    tier: a\n  d1:\n    tier: b\n")
+        with pytest.raises(ConfigError, match=r"line 4: 'devices\.d1' is already set on line 2"):
+            load_device_configs(path)
+
+    def test_unknown_execution_mode_is_refused(self, tmp_path: Path):
+        """`execution: rely` is refused with the modes, not silently run as agent mode."""
+        path = tmp_path / "devices.yaml"
+        path.write_text("devices:\n  d1:\n    execution: rely\n")
+        with pytest.raises(ConfigError) as excinfo:
+            load_device_configs(path)
+        assert str(excinfo.value) == (
+            f"{path}, line 3: devices.d1.execution must be relay or agent, not 'rely'"
+        )
 
     def test_malformed_json_names_file_and_line(self, tmp_path: Path):
         """A JSON syntax error names the file and the line of the problem."""
@@ -191,10 +225,10 @@ class TestLoadDeviceConfigs:
             load_device_configs(path)
 
     def test_tags_must_be_list_of_strings(self, tmp_path: Path):
-        """tags given as a plain string raises ConfigError naming the device and key."""
+        """tags given as a plain string raises ConfigError naming the line, device and key."""
         path = tmp_path / "devices.yaml"
         path.write_text("devices:\n  d1:\n    tags: production\n")
-        with pytest.raises(ConfigError, match=r"devices\.d1\.tags"):
+        with pytest.raises(ConfigError, match=r"line 3: devices\.d1\.tags must be a list"):
             load_device_configs(path)
 
 

@@ -11,7 +11,17 @@ import ccm
 PACKAGE = Path(ccm.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("ccm.domain", "ccm.clock", "ccm.ids", "ccm.errors", "ccm.config", "ccm.version"),
+    (
+        "ccm.domain",
+        "ccm.clock",
+        "ccm.ids",
+        "ccm.errors",
+        "ccm.yamlfile",
+        "ccm.settings_report",
+        "ccm.durations",
+        "ccm.config",
+        "ccm.version",
+    ),
     ("ccm.protocol", "ccm.toolplan", "ccm.logs"),
     ("ccm.store",),
     (
@@ -22,11 +32,13 @@ LAYERS: list[tuple[str, ...]] = [
         "ccm.registry",
         "ccm.sessions",
         "ccm.maintenance",
+        "ccm.pacing",
+        "ccm.audit",
         "ccm.metrics",
         "ccm.cluster",
     ),
     ("ccm.server",),
-    ("ccm.cli", "ccm.demo", "ccm.__main__", "ccm"),
+    ("ccm.cli", "ccm.commands", "ccm.api_client", "ccm.demo", "ccm.__main__", "ccm"),
 ]
 """Lowest first. A module may import from its own layer or a lower one, never a higher one."""
 

@@ -17,7 +17,7 @@ from ccm.domain import FINISHED_STATES, SessionState
 from ccm.errors import ConfigError
 from ccm.protocol import has_unstorable_value, is_valid_task_name
 from ccm.server import views
-from ccm.server.auth import keys_match, require_api_key
+from ccm.server.auth import Via, authenticate, require_api_key
 from ccm.server.deps import HubDep, RegistryDep, StoreDep
 from ccm.store.nodes import list_nodes
 from ccm.store.repository import read_connection_history, read_session_counts, read_sessions
@@ -60,7 +60,7 @@ def metrics(request: Request) -> Response:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if given is None and scheme.lower() == "bearer":
             given = token.strip()
-        if not keys_match(given, request.app.state.api_key):
+        if authenticate(request.app, given, Via.METRICS) is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or missing API key")
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST

@@ -17,8 +17,9 @@ from ccm.devices import DeviceConfigs
 from ccm.errors import CcmError
 from ccm.metrics import Metrics
 from ccm.server.api import router as api_router
-from ccm.server.auth import LocalOnlyGuard, is_loopback_bind
+from ccm.server.auth import KeyRing, LocalOnlyGuard, is_loopback_bind
 from ccm.server.dashboard import router as dashboard_router
+from ccm.server.docs import install_docs
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
 from ccm.server.ws import websocket_endpoint
@@ -31,15 +32,17 @@ logger = logging.getLogger(__name__)
 def create_app(
     settings: Settings,
     *,
-    api_key: str,
+    api_key: str | KeyRing,
     runners: list[SessionRunner] | None = None,
 ) -> FastAPI:
     """Build the app. Nothing is opened or written until the lifespan starts (the caller
-    resolves the API key: `ccm.server.auth.resolve_api_key` may create the key file)."""
+    resolves the API keys: `ccm.server.auth.key_ring` may create the key file). `api_key` is
+    one key, or the KeyRing of the settings' keys (the key file read again when it changes)."""
     if runners is None:
         runners = [ToolPlanRunner()]
         if settings.server.agent_runner:
             runners.append(load_runner(settings.server.agent_runner))
+    keys = api_key if isinstance(api_key, KeyRing) else KeyRing([api_key])
     device_configs = DeviceConfigs(settings.device_config)  # a bad file fails here, at start
     metrics = Metrics()
 
@@ -64,8 +67,9 @@ def create_app(
         version=VERSION,
         description="Client Connection Manager: live registry and SQL history for AIP clients.",
         lifespan=lifespan,
+        openapi_url=None,  # install_docs serves it as server.docs says
     )
-    app.state.api_key = api_key
+    app.state.keys = keys
     app.state.settings = settings
     app.state.metrics = metrics
     # /ws first, as a plain Starlette route: every connection is matched against the routes
@@ -73,6 +77,7 @@ def create_app(
     app.router.routes.insert(0, WebSocketRoute("/ws", websocket_endpoint))
     app.include_router(api_router)
     app.include_router(dashboard_router)
+    install_docs(app, settings.server.docs)
 
     @app.exception_handler(CcmError)
     async def _ccm_error(_request: Request, exc: CcmError) -> JSONResponse:

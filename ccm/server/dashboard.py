@@ -3,7 +3,8 @@
 The page is static (shipped in `ccm/server/static/`) and logs in with the API key, which it only
 ever sends as the `X-API-Key` header. That is why it reads `/api/events` with `fetch()` streaming:
 `EventSource` cannot set headers and would need the key in the URL, where access logs keep it.
-What the page shows comes from the app's DashboardFeed (`ccm.server.feed`).
+What the page shows comes from the app's DashboardFeed (`ccm.server.feed`); one session's whole
+story, opened from the page, from `ccm.audit` (as `ccm audit session` tells it).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from importlib import resources
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.requests import HTTPConnection
 
+from ccm.audit import read_session_story
 from ccm.server.auth import require_api_key
 from ccm.server.feed import DashboardFeed, Json
 
@@ -69,6 +72,21 @@ def dashboard_asset(name: str) -> Response:
 async def dashboard_snapshot(feed: FeedDep) -> Json:
     """What the dashboard shows, once: live clients, recent sessions, the last hour per minute."""
     return await feed.snapshot()
+
+
+@api.get("/dashboard/sessions/{ident:path}")
+async def dashboard_session(ident: str, feed: FeedDep) -> Json:
+    """One session run's whole story: the row (request, result, error, times), the other runs
+    of its id, and the device's and requester's connections at the time. `ident` is the run's
+    `id` (or a session id: its newest run)."""
+    if feed.store is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "ccm runs without a database")
+    if "\x00" in ident:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "NUL characters are not allowed")
+    story = await run_in_threadpool(read_session_story, feed.store.engine, ident)
+    if story is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")
+    return story.as_dict()
 
 
 @api.get("/events")

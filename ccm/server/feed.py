@@ -246,7 +246,7 @@ class DashboardFeed:
                 return self._recent, None  # nothing was written since: the rows are the same
         try:
             rows = await asyncio.to_thread(read_sessions, self.store.engine, limit=RECENT_SESSIONS)
-        except Exception as exc:  # the live half is still worth showing while SQL is away
+        except Exception as exc:  # noqa: BLE001 - the live half is still worth showing while SQL is away
             logger.warning("dashboard could not read sessions: %s", exc)
             return None, "the database did not answer; see the server log"
         self._recent, self._recent_as_of = [_session_view(r) for r in rows], (committed, now)

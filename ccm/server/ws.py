@@ -23,7 +23,7 @@ from ccm.protocol import (
     decode_client_message,
     error_frame,
 )
-from ccm.server.auth import keys_match
+from ccm.server.auth import Via, authenticate
 from ccm.server.hub import Hub
 from ccm.server.peer import SOCKET_GONE, Peer
 from ccm.server.registration import RegistrationRefused
@@ -91,7 +91,7 @@ def _remote(websocket: WebSocket) -> str | None:
 async def websocket_endpoint(websocket: WebSocket) -> None:
     hub: Hub = websocket.app.state.hub
     server = hub.settings.server
-    if not keys_match(websocket.query_params.get("token"), websocket.app.state.api_key):
+    if authenticate(websocket.app, websocket.query_params.get("token"), Via.WEBSOCKET) is None:
         # Closing before accept makes uvicorn answer the upgrade with HTTP 403.
         logger.warning("refused websocket: invalid or missing token remote=%s", _remote(websocket))
         hub.metrics.registrations_refused.labels("bad_token").inc()

@@ -3,13 +3,16 @@ connection timeouts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
 from ccm.config import SqliteSynchronous
+from ccm.settings_report import mask_url
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -80,3 +83,83 @@ def _install_sqlite_pragmas(engine: Engine, synchronous: SqliteSynchronous) -> N
         # it. Pages are only cached as they are read, so a small database stays small in memory.
         cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
+
+
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+_URL_EXAMPLES = "sqlite:///path/to/ccm.db or postgresql+psycopg://user:password@host:5432/dbname"
+
+
+def _backend(url: str) -> str | None:
+    try:
+        return make_url(url).get_backend_name()
+    except Exception:  # noqa: BLE001 - any parse failure means "no backend we can name"
+        return None
+
+
+def _postgres_problem(text: str, parsed: URL) -> str | None:
+    """What a psycopg connection error means, and what to do, from its message."""
+    where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+    if match := re.search(r'database "([^"]+)" does not exist', text):
+        name = match.group(1)
+        return (
+            f"database '{name}' does not exist on {where}: create it "
+            f"(createdb -h {parsed.host or 'localhost'} -U {parsed.username or 'postgres'} {name})"
+            " or fix the name in the URL"
+        )
+    if match := re.search(r'role "([^"]+)" does not exist', text):
+        return f"PostgreSQL on {where} has no user '{match.group(1)}': fix the user in the URL"
+    if "password authentication failed" in text or "no password supplied" in text:
+        return f"PostgreSQL on {where} refused the login: check the user and password in the URL"
+    if "Connection refused" in text:
+        return (
+            f"nothing accepts connections on {where}: is PostgreSQL running there, and are the "
+            "host and port in the URL right?"
+        )
+    if "failed to resolve host" in text or "could not translate host name" in text:
+        return f"host '{parsed.host}' is unknown: fix the host in the URL"
+    if "timeout expired" in text or "timed out" in text:
+        return f"no answer from {where} in time: check the host, the port and any firewall"
+    if "no pg_hba.conf entry" in text:
+        return f"PostgreSQL on {where} does not let this host in: see its pg_hba.conf"
+    return None
+
+
+def describe_database_error(exc: BaseException, url: str) -> str:
+    """One line for an operator: which database (password masked), what failed, what to do.
+
+    For errors opening, migrating or querying the database from the command line (`ccm serve`,
+    `db`, `audit`, `cleanup`, `config check`); the traceback is for `--debug`."""
+    shown = mask_url(url)
+    backend = _backend(url)
+    if backend is None:
+        return f"database URL '{shown}' is not a URL: write {_URL_EXAMPLES}"
+    if backend not in SUPPORTED_BACKENDS:
+        return (
+            f"database URL {shown}: ccm keeps its history in SQLite or PostgreSQL, not {backend}; "
+            f"write {_URL_EXAMPLES}"
+        )
+    if isinstance(exc, ImportError | NoSuchModuleError):
+        driver = make_url(url).get_driver_name()
+        return (
+            f"database URL {shown}: the driver '{driver}' is not installed; "
+            "use postgresql+psycopg://... (installed with ccm)"
+        )
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(cause).strip()
+    first = text.splitlines()[0] if text else type(cause).__name__
+    if backend == "postgresql":
+        problem = _postgres_problem(text, normalise_url(url))
+        if problem:
+            return f"cannot use {shown}: {problem}"
+    if backend == "sqlite":
+        database = make_url(url).database or ""
+        if isinstance(cause, OSError) or "unable to open database file" in text:
+            return (
+                f"cannot open the SQLite file {database}: check that its folder exists and is "
+                "writable (or set data_dir / database.url)"
+            )
+        if "file is not a database" in text:
+            return f"{database} is not a SQLite database: point database.url at ccm's file"
+        if "database is locked" in text:
+            return f"{database} is locked by another process: wait, or stop that process"
+    return f"database error on {shown}: {first} (run again with --debug for the traceback)"

@@ -1,11 +1,14 @@
 """Schema migrations: thin wrappers over alembic.command, pointed at ccm's own migrations.
 
-`ccm db upgrade|current|check` call these same functions, and so do the tests.
+`ccm db upgrade|downgrade|current|check` call these same functions, and so do the tests.
+`data_lost_by_downgrade` tells what a downgrade would delete before it runs.
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -13,11 +16,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine, func, inspect, select, table
+from sqlalchemy import column as sql_column
 from sqlalchemy.engine import URL
 
-from ccm.errors import SchemaOutdated
-from ccm.store.engine import is_sqlite, normalise_url
+from ccm.errors import CcmError, SchemaOutdated
+from ccm.store.engine import is_sqlite, make_engine, normalise_url
 
 
 def migrations_dir() -> Path:
@@ -67,3 +72,89 @@ def ensure_schema(engine: Engine, *, auto_upgrade_sqlite: bool = True) -> str | 
         upgrade(engine.url)
         return head
     raise SchemaOutdated(current, head, engine.url.render_as_string(hide_password=True))
+
+
+# -- what a downgrade deletes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataLoss:
+    """Rows a downgrade deletes: a whole table (`column` None), or the values of one column."""
+
+    table: str
+    column: str | None
+    rows: int
+
+    @property
+    def what(self) -> str:
+        return self.table if self.column is None else f"{self.table}.{self.column}"
+
+
+def resolve_downgrade_target(engine: Engine, revision: str) -> str | None:
+    """The revision a downgrade to `revision` ends at: None for `base`; `-N` counted down from
+    the database's current revision; otherwise the named revision (a unique prefix will do)."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    if revision == "base":
+        return None
+    if revision.startswith("-") and revision[1:].isdigit():
+        target = current_revision(engine)
+        for _ in range(int(revision[1:])):
+            if target is None:
+                raise CcmError(f"cannot go down {revision}: the database reaches base before that")
+            down = script.get_revision(target).down_revision
+            target = down if isinstance(down, str) or down is None else down[0]
+        return target
+    try:
+        found = script.get_revision(revision)
+    except CommandError:
+        found = None
+    if found is None:
+        heads = ", ".join(s.revision for s in script.walk_revisions())
+        raise CcmError(f"no revision {revision!r}: give base, -N or one of {heads}")
+    return found.revision
+
+
+def _schema_at(revision: str | None, folder: Path) -> dict[str, set[str]]:
+    """Tables and their columns at `revision`, from an empty SQLite database migrated there."""
+    url = f"sqlite:///{folder / ((revision or 'base') + '.db')}"
+    if revision is not None:
+        upgrade(url, revision)
+    engine = make_engine(url)
+    try:
+        found = inspect(engine)
+        return {
+            name: {c["name"] for c in found.get_columns(name)}
+            for name in found.get_table_names()
+            if name != "alembic_version"
+        }
+    finally:
+        engine.dispose()
+
+
+def data_lost_by_downgrade(engine: Engine, target: str | None) -> list[DataLoss]:
+    """What downgrading the database to `target` (None: base) would delete: the tables and the
+    columns that exist at its current revision but not at `target`, counted in the database.
+
+    The two schemas come from migrating scratch SQLite databases, so every migration, present or
+    future, is covered without code here; tables ccm does not own are never counted."""
+    current = current_revision(engine)
+    if current is None:
+        return []
+    with tempfile.TemporaryDirectory(prefix="ccm-downgrade-") as scratch:
+        now = _schema_at(current, Path(scratch))
+        then = _schema_at(target, Path(scratch))
+    present = inspect(engine)
+    existing = set(present.get_table_names())
+    losses = []
+    with engine.connect() as conn:
+        for name in sorted(now):
+            if name not in existing:
+                continue
+            if name not in then:
+                rows = conn.execute(select(func.count()).select_from(table(name))).scalar_one()
+                losses.append(DataLoss(name, None, int(rows)))
+                continue
+            for col in sorted(now[name] - then[name]):
+                count = select(func.count(sql_column(col))).select_from(table(name))
+                losses.append(DataLoss(name, col, int(conn.execute(count).scalar_one())))
+    return losses

@@ -119,7 +119,9 @@ def test_snapshot_without_a_database_shows_live_state_and_says_why() -> None:
 
 
 class TestEndpoints:
-    @pytest.mark.parametrize("path", ["/api/events", "/api/dashboard/snapshot"])
+    @pytest.mark.parametrize(
+        "path", ["/api/events", "/api/dashboard/snapshot", "/api/dashboard/sessions/x"]
+    )
     def test_data_needs_the_api_key(self, server: ServerThread, path: str) -> None:
         """Without X-API-Key, or with a wrong one, the dashboard's data is refused with 401."""
         assert httpx.get(server.http_url + path).status_code == 401
@@ -175,6 +177,36 @@ class TestEndpoints:
         assert snapshot["series"]["devices"][-1] == 1
         assert snapshot["store"]["enabled"] is True
         assert len(snapshot["series"]["minutes"]) == 60
+
+    def test_session_story_has_request_result_and_connection(self, server: ServerThread) -> None:
+        """`/api/dashboard/sessions/{id}` (the id of one run, from the snapshot) gives the row
+        with request and result, its duration, and the device's connection at the time."""
+        with DemoDevice(server.ws_url):
+            end = asyncio.run(
+                run_constellation(
+                    server.ws_url,
+                    "demo-constellation",
+                    "demo-device",
+                    PLAN,
+                    session_id="dash/story #1",
+                    task_timeout=10,
+                )
+            )
+            assert end["status"] == "completed"
+            snapshot = wait_for_snapshot(server, lambda s: bool(s["sessions"]))
+            run_id = snapshot["sessions"][0]["id"]
+            with server.http() as http:
+                story = http.get(f"/api/dashboard/sessions/{run_id}").json()
+                by_wire_id = http.get("/api/dashboard/sessions/dash%2Fstory%20%231").json()
+                missing = http.get("/api/dashboard/sessions/no-such-run")
+        assert story["session"]["session_id"] == "dash/story #1"
+        assert json.loads(story["session"]["request"]) == json.loads(PLAN)
+        assert story["session"]["result"][0]["result"] == 5
+        assert story["duration_seconds"] >= 0
+        assert story["device_connection"]["client_id"] == "demo-device"
+        assert story["device_connection"]["disconnected_at"] is None
+        assert by_wire_id["session"]["id"] == run_id
+        assert missing.status_code == 404
 
     def test_sessions_are_read_again_only_after_a_commit(self, server: ServerThread) -> None:
         """Snapshots reuse the recent sessions until the store commits something new."""

@@ -804,8 +804,10 @@ def test_task_result_reports_the_newest_run_of_a_name(server: ServerThread) -> N
 # -- documentation and error shape -----------------------------------------------------------
 
 
-def test_docs_and_openapi_are_reachable(server: ServerThread) -> None:
-    """`/docs` serves the Swagger UI and `/openapi.json` lists every route."""
+def test_docs_and_openapi_are_reachable(server_factory: Callable[..., ServerThread]) -> None:
+    """With `server.docs: public`, `/docs` serves the Swagger UI and `/openapi.json` lists every
+    route (the default, `key`, is in tests/test_docs.py)."""
+    server = server_factory(**{"server.docs": "public"})
     with server.http() as http:
         docs = http.get("/docs")
         schema = http.get("/openapi.json")

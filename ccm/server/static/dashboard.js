@@ -1,6 +1,7 @@
 // ccm dashboard. Signs in with the API key (kept in sessionStorage, sent only as the X-API-Key
 // header), follows /api/events with fetch() streaming because EventSource cannot send headers,
 // and renders with textContent only: ids, tags and errors come from clients, never parse them.
+// Every id that goes into a URL goes through encodeURIComponent (ids may hold "/", "?", "#").
 "use strict";
 
 const KEY_STORAGE = "ccm.apiKey";
@@ -14,7 +15,10 @@ const REASON_COLORS = {
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
-const app = { key: null, snapshot: null, abort: null, selected: null, detailKey: null, skewMs: 0 };
+const app = {
+  key: null, snapshot: null, abort: null, selected: null, detailKey: null, skewMs: 0,
+  session: null, sessionKey: null, // the session run shown in the session panel (its ccm id)
+};
 
 class AuthError extends Error {}
 
@@ -39,6 +43,9 @@ function svg(tag, attrs, text) {
 }
 
 function fillTable(id, rows, emptyId) {
+  // Each cell carries its column's name: on a phone the rows are stacked as label/value cards.
+  const labels = [...$(id).querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of rows) [...row.children].forEach((td, i) => td.setAttribute("data-label", labels[i] || ""));
   $(id).querySelector("tbody").replaceChildren(...rows);
   if (emptyId) $(emptyId).hidden = rows.length > 0;
 }
@@ -165,6 +172,10 @@ async function signIn(key) {
 function signOut(message) {
   sessionStorage.removeItem(KEY_STORAGE);
   app.key = null;
+  app.session = null;
+  app.selected = null;
+  $("session-detail").hidden = true;
+  $("detail").hidden = true;
   if (app.abort) app.abort.abort();
   app.snapshot = null;
   $("main").hidden = true;
@@ -200,11 +211,14 @@ function render() {
   $("n-store").classList.toggle("bad", s.store.degraded);
   updateFilters(s);
   const devices = filteredDevices(s);
+  const filtering = $("filter-platform").value || $("filter-tag").value;
+  if (app.selected && filtering && !devices.some((d) => d.client_id === app.selected)) closeDetail();
   renderDevices(devices);
   renderConstellations(s.constellations);
   renderSessions(s, devices);
   renderCharts(s.series);
   refreshDetail(s);
+  refreshSession(s);
 }
 
 function chips(values) {
@@ -239,6 +253,12 @@ function reasonText(session) {
   return [session.reason, session.error].filter(Boolean).join(": ") || "";
 }
 
+function sessionLink(x) {
+  const open = el("button", { type: "button", class: "link mono", "data-open-session": x.id }, x.session_id);
+  open.addEventListener("click", () => openSession(x.id));
+  return open;
+}
+
 function renderSessions(s, devices) {
   $("sessions-error").textContent = s.sessions_error || "";
   const deviceFilter = $("filter-platform").value || $("filter-tag").value;
@@ -246,8 +266,8 @@ function renderSessions(s, devices) {
   const state = $("filter-state").value;
   const rows = (s.sessions || []).filter((x) => (!state || x.state === state)
     && (!deviceFilter || allowed.has(x.device_id)));
-  fillTable("sessions", rows.map((x) => el("tr", { "data-session": x.session_id },
-    el("td", { class: "mono" }, x.session_id), stateCell(x.state), el("td", null, x.device_id),
+  fillTable("sessions", rows.map((x) => el("tr", { "data-session": x.session_id, class: x.id === app.session ? "selected" : null },
+    el("td", { class: "mono" }, sessionLink(x)), stateCell(x.state), el("td", { class: "mono" }, x.device_id),
     el("td", { class: "mono" }, x.constellation_id || x.origin), el("td", null, x.task_name || "—"),
     el("td", null, clockTime(x.created_at)), el("td", null, duration(x)),
     el("td", null, reasonText(x)))), "sessions-empty");
@@ -369,6 +389,12 @@ function renderCharts(series) {
 
 // -- device detail (connection history and sessions from SQL) -------------------------------------
 
+function closeDetail() {
+  app.selected = null;
+  app.detailKey = null;
+  $("detail").hidden = true;
+}
+
 function select(deviceId) {
   app.selected = deviceId;
   app.detailKey = null;
@@ -403,17 +429,120 @@ async function loadDetail(deviceId) {
     ]);
     if (app.selected !== deviceId) return;
     $("detail-error").textContent = "";
-    fillTable("detail-connections", connections.items.map((c) => el("tr", null,
-      el("td", null, clockTime(c.connected_at)),
-      el("td", null, c.disconnected_at ? clockTime(c.disconnected_at) : "connected"),
-      el("td", null, c.disconnect_reason || "—"), el("td", { class: "mono" }, c.remote_address || "—"))));
+    fillTable("detail-connections", connections.items.map((c) => {
+      const open = !c.disconnected_at;
+      const lasted = ((open ? serverNow() : new Date(c.disconnected_at).getTime()) - new Date(c.connected_at).getTime()) / 1000;
+      return el("tr", { class: open ? "open" : null },
+        el("td", null, clockTime(c.connected_at)),
+        el("td", null, open ? "now (open)" : clockTime(c.disconnected_at)),
+        el("td", null, open ? `${span(lasted)} so far` : span(lasted)),
+        el("td", null, open ? "—" : c.disconnect_reason || "—"),
+        el("td", { class: "mono" }, c.remote_address || "—"));
+    }));
     fillTable("detail-sessions", sessions.items.map((x) => el("tr", { "data-session": x.session_id },
-      el("td", { class: "mono" }, x.session_id), stateCell(x.state), el("td", null, clockTime(x.created_at)),
+      el("td", { class: "mono" }, sessionLink(x)), stateCell(x.state), el("td", null, clockTime(x.created_at)),
       el("td", null, x.ended_at ? span((new Date(x.ended_at) - new Date(x.started_at || x.created_at)) / 1000) : "running"),
-      el("td", { class: "mono" }, x.constellation_id || x.origin))));
+      el("td", { class: "mono" }, x.constellation_id || x.origin), el("td", null, x.reason || "—"),
+      el("td", { class: x.error ? "error-text" : null }, x.error || "—"))));
   } catch (error) {
     if (error instanceof AuthError) return signOut(error.message);
     $("detail-error").textContent = `Could not load the history: ${error.message}`;
+  }
+}
+
+// -- one session's story (request, result, error, timeline) from SQL -------------------------------
+
+function openSession(runId) {
+  app.session = runId;
+  app.sessionKey = null;
+  $("session-detail").hidden = false;
+  $("session-id").textContent = "…";
+  render();
+  loadSession(runId).then(() => $("session-detail").scrollIntoView({ block: "nearest" }));
+}
+
+function closeSession() {
+  app.session = null;
+  app.sessionKey = null;
+  $("session-detail").hidden = true;
+  render();
+}
+
+function refreshSession(s) {
+  if (!app.session) return;
+  const row = (s.sessions || []).find((x) => x.id === app.session);
+  const key = row ? `${row.state}|${row.ended_at}` : app.sessionKey;
+  if (key === app.sessionKey) return;
+  app.sessionKey = key;
+  loadSession(app.session);
+}
+
+function pretty(value) {
+  if (value === null || value === undefined) return "—";
+  if (typeof value === "string") {
+    try { return JSON.stringify(JSON.parse(value), null, 2); } catch { return value; }
+  }
+  return JSON.stringify(value, null, 2);
+}
+
+function fact(name, ...value) {
+  return [el("dt", null, name), el("dd", null, ...value)];
+}
+
+function connectionText(c) {
+  if (!c) return "none open at the time";
+  const ended = c.disconnected_at ? `until ${clockTime(c.disconnected_at)} (${c.disconnect_reason || "?"})` : "still open";
+  return `connected ${clockTime(c.connected_at)} from ${c.remote_address || "?"}, ${ended}`;
+}
+
+function timeline(story) {
+  const x = story.session;
+  const start = new Date(x.started_at || x.created_at).getTime();
+  const steps = [];
+  const device = story.device_connection;
+  if (device) steps.push([device.connected_at, `device ${x.device_id} connected from ${device.remote_address || "?"}`]);
+  steps.push([x.created_at, `created by ${x.constellation_id || x.origin} (${x.mode} mode)`]);
+  if (x.started_at) steps.push([x.started_at, `started on ${x.device_id}`]);
+  if (x.ended_at) {
+    const took = span((new Date(x.ended_at).getTime() - start) / 1000);
+    steps.push([x.ended_at, `${x.state} after ${took}${x.reason ? ` (${x.reason})` : ""}`]);
+  } else {
+    steps.push([null, `${x.state}, ${span((serverNow() - start) / 1000)} so far`]);
+  }
+  if (device && device.disconnected_at) {
+    steps.push([device.disconnected_at, `device disconnected (${device.disconnect_reason || "?"})`]);
+  }
+  steps.sort((a, b) => (a[0] === null) - (b[0] === null) || new Date(a[0]) - new Date(b[0]));
+  return steps.map(([at, text]) => el("li", null, el("span", { class: "when" }, at ? clockTime(at) : "now"), el("span", null, text)));
+}
+
+async function loadSession(runId) {
+  try {
+    const story = await api(`/api/dashboard/sessions/${encodeURIComponent(runId)}`).then((r) => r.json());
+    if (app.session !== runId) return;
+    const x = story.session;
+    $("session-load-error").textContent = "";
+    $("session-id").textContent = x.session_id;
+    $("session-state").textContent = x.state;
+    $("session-state").className = `state state-${x.state}`;
+    const others = story.other_runs.length ? ` (${story.other_runs.length} other run${story.other_runs.length > 1 ? "s" : ""} of this id)` : "";
+    $("session-facts").replaceChildren(
+      ...fact("State", x.state), ...fact("Reason", x.reason || "—"),
+      ...fact("Device", x.device_id, el("span", { class: "muted" }, ` · ${x.mode} mode`)),
+      ...fact("Requested by", x.constellation_id || x.origin), ...fact("Task", x.task_name || "—"),
+      ...fact("Duration", duration({ ...x, duration_seconds: story.duration_seconds })),
+      ...fact("Device connection", connectionText(story.device_connection)),
+      ...(x.constellation_id ? fact("Requester connection", connectionText(story.requester_connection)) : []),
+      ...fact("Run", el("span", { class: "mono" }, x.id), others),
+    );
+    $("session-timeline").replaceChildren(...timeline(story));
+    $("session-request").textContent = pretty(x.request);
+    $("session-result").textContent = pretty(x.result);
+    $("session-error-box").hidden = !x.error;
+    $("session-error").textContent = x.error || "";
+  } catch (error) {
+    if (error instanceof AuthError) return signOut(error.message);
+    $("session-load-error").textContent = `Could not load the session: ${error.message}`;
   }
 }
 
@@ -430,10 +559,10 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("logout").addEventListener("click", () => signOut(""));
   $("detail-close").addEventListener("click", () => {
-    app.selected = null;
-    $("detail").hidden = true;
+    closeDetail();
     render();
   });
+  $("session-close").addEventListener("click", closeSession);
   for (const id of ["filter-platform", "filter-tag", "filter-state"]) $(id).addEventListener("change", render);
   $("filter-clear").addEventListener("click", () => {
     for (const id of ["filter-platform", "filter-tag", "filter-state"]) $(id).value = "";
