@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from ccm.clock import Clock, utcnow
 from ccm.domain import ClientType
 from ccm.metrics import Metrics
+from ccm.server import views
 from ccm.server.hub import Hub
 from ccm.store import Store
 from ccm.store.repository import SessionRow, read_sessions
@@ -291,11 +292,53 @@ class DashboardFeed:
                         "sessions": registry.get_constellation_sessions(client_id),
                     }
                 )
+        here = views.this_node_name(self.hub)
+        for client in devices + constellations:
+            client["node"] = here
+        remote_devices, remote_constellations = self._remote_clients(
+            {c["client_id"] for c in devices + constellations}
+        )
+        devices += remote_devices
+        constellations += remote_constellations
         return {
             "devices": sorted(devices, key=lambda d: d["client_id"]),
             "constellations": sorted(constellations, key=lambda c: c["client_id"]),
             "live_sessions": registry.session_count(),
+            "nodes": views.nodes_in_memory(self.hub),
         }
+
+    def _remote_clients(self, local: set[str]) -> tuple[list[Json], list[Json]]:
+        """The other nodes' clients (a cluster), as far as this node knows them."""
+        cluster = self.hub.cluster
+        if cluster is None:
+            return [], []
+        devices, constellations = [], []
+        for remote in cluster.directory.clients():
+            if remote.client_id in local:
+                continue
+            node = cluster.directory.nodes.get(remote.run_id)
+            common: Json = {
+                "client_id": remote.client_id,
+                "connected_at": remote.connected_at.isoformat(),
+                "last_heartbeat_at": None,
+                "node": node.name if node is not None else remote.run_id,
+                "remote": True,
+                "sessions": [],
+            }
+            if remote.client_type is ClientType.DEVICE:
+                system_info = remote.system_info or {}
+                devices.append(
+                    {
+                        **common,
+                        "platform": remote.platform,
+                        "tags": _strings(system_info.get("tags")),
+                        "capabilities": _strings(system_info.get("supported_features")),
+                        "mode": None,
+                    }
+                )
+            else:
+                constellations.append({**common, "target_id": None})
+        return devices, constellations
 
     async def refresh(self) -> None:
         """Build a snapshot; if anything but the time changed, publish it to every stream."""

@@ -180,6 +180,41 @@ def counts(hub: Hub) -> dict[str, Any]:
     return result
 
 
+def this_node_name(hub: Hub) -> str:
+    """This node's name: cluster.node_name, or host:port."""
+    name = _this_node(hub)[1]
+    return name or f"{hub.settings.server.host}:{hub.settings.server.port}"
+
+
+def nodes_in_memory(hub: Hub) -> list[dict[str, Any]]:
+    """The alive nodes as this node knows them (the dashboard's view; /api/nodes reads SQL),
+    this one first, each with the clients it holds."""
+    here = {
+        "name": this_node_name(hub),
+        "address": hub.settings.cluster.advertise_address
+        or f"{hub.settings.server.host}:{hub.settings.server.port}",
+        "clients": len(hub.registry.list_clients()),
+        "this_node": True,
+    }
+    cluster = hub.cluster
+    if cluster is None:
+        return [here]
+    held: dict[str, int] = {}
+    for remote in cluster.directory.clients():
+        held[remote.run_id] = held.get(remote.run_id, 0) + 1
+    others = [
+        {
+            "name": node.name or run_id,
+            "address": node.address,
+            "clients": held.get(run_id, 0),
+            "this_node": False,
+        }
+        for run_id, node in sorted(cluster.directory.nodes.items(), key=lambda n: n[1].name or "")
+        if run_id != cluster.me
+    ]
+    return [here, *others]
+
+
 def single_node(hub: Hub, store: Any) -> dict[str, Any]:
     """/api/nodes without a cluster: this server, from memory."""
     registry = hub.registry

@@ -215,6 +215,7 @@ function render() {
   if (app.selected && filtering && !devices.some((d) => d.client_id === app.selected)) closeDetail();
   renderDevices(devices);
   renderConstellations(s.constellations);
+  renderNodes(s.nodes || []);
   renderSessions(s, devices);
   renderCharts(s.series);
   refreshDetail(s);
@@ -236,7 +237,7 @@ function renderDevices(devices) {
     const running = d.sessions.length ? `${d.sessions.length}: ${d.sessions.join(", ")}` : "0";
     return el("tr", { class: d.client_id === app.selected ? "selected" : null, "data-device": d.client_id },
       el("td", null, open, d.mode === "relay" ? el("span", { class: "muted" }, " relay") : null),
-      el("td", null, d.platform), el("td", null, when(d.connected_at)),
+      el("td", null, d.node || "—"), el("td", null, d.platform), el("td", null, when(d.connected_at)),
       el("td", null, ago(d.last_heartbeat_at)), el("td", null, chips(d.tags)),
       el("td", null, chips(d.capabilities)), el("td", { class: "mono" }, running));
   }), "devices-empty");
@@ -244,9 +245,16 @@ function renderDevices(devices) {
 
 function renderConstellations(constellations) {
   fillTable("constellations", constellations.map((c) => el("tr", null,
-    el("td", { class: "mono" }, c.client_id), el("td", null, c.target_id || "any"),
+    el("td", { class: "mono" }, c.client_id), el("td", null, c.node || "—"),
+    el("td", null, c.target_id || (c.remote ? "—" : "any")),
     el("td", null, when(c.connected_at)), el("td", null, ago(c.last_heartbeat_at)),
     el("td", { class: "mono" }, c.sessions.length ? c.sessions.join(", ") : "0"))), "constellations-empty");
+}
+
+function renderNodes(nodes) {
+  fillTable("nodes", nodes.map((n) => el("tr", { class: n.this_node ? "selected" : null },
+    el("td", null, n.name, n.this_node ? el("span", { class: "muted" }, " (this page's node)") : null),
+    el("td", { class: "mono" }, n.address || "—"), el("td", null, String(n.clients)))));
 }
 
 function reasonText(session) {
