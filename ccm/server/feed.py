@@ -295,9 +295,7 @@ class DashboardFeed:
         here = views.this_node_name(self.hub)
         for client in devices + constellations:
             client["node"] = here
-        remote_devices, remote_constellations = self._remote_clients(
-            {c["client_id"] for c in devices + constellations}
-        )
+        remote_devices, remote_constellations = self._remote_clients(set(registry.list_clients()))
         devices += remote_devices
         constellations += remote_constellations
         return {
