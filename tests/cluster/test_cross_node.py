@@ -332,3 +332,28 @@ def test_a_device_leaving_fails_its_session_and_tells_the_constellation_elsewher
     assert end["error"] == "Task was cancelled because target device disconnected"
     [row] = [r for r in _sessions(db) if r.session_id == "x-s11"]
     assert (row.state, row.reason) == ("failed", "device_disconnected")
+
+
+def test_the_dashboard_shows_the_nodes_and_which_node_holds_each_client(
+    node: Callable[..., ServeProcess],
+) -> None:
+    """The page's snapshot on B lists both nodes and a device of A with A's name."""
+    a, b = node("a"), node("b")
+
+    async def scenario() -> dict[str, Any]:
+        await _device(a.ws_url, "x-dev-12")
+
+        def listed() -> dict[str, Any] | None:
+            snapshot: dict[str, Any] = b.get("/api/dashboard/snapshot")
+            ids = {d["client_id"] for d in snapshot["devices"]}
+            return snapshot if "x-dev-12" in ids else None
+
+        return await asyncio.to_thread(wait_until, listed, 10, "A's device on B's page")
+
+    snapshot = run(scenario())
+    [dev] = [d for d in snapshot["devices"] if d["client_id"] == "x-dev-12"]
+    assert dev["node"] == "a"
+    names = {n["name"]: n for n in snapshot["nodes"]}
+    assert set(names) == {"a", "b"}
+    assert names["b"]["this_node"]
+    assert names["a"]["clients"] == 1
