@@ -55,7 +55,7 @@ def resolve_api_key(settings: Settings) -> tuple[str, bool]:
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, given: Annotated[str | None, Depends(_api_key_header)]
 ) -> None:
     """FastAPI dependency: 401 unless X-API-Key matches."""
