@@ -135,6 +135,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         hub.metrics.registrations_refused.labels(exc.kind).inc()
         await _refuse(websocket, str(exc), CLOSE_POLICY)
         return
+    websocket.app.state.connections.registered(websocket.scope)  # no longer pending
     # An idle connection waits here for hours: do not keep its REGISTER frame (text and parsed
     # message, a few KB with system info) alive in this frame until the next message arrives.
     del text, msg
