@@ -160,7 +160,7 @@ class JsonFormatter(logging.Formatter):
 # the path, as in uvicorn's lines, stays). The key may
 # travel in any parameter, in any case or percent encoding (`?Token=`, `?tok%65n=`), so the rule
 # is the simple one: no line keeps a query string (prose like `done? yes` is left alone).
-_QUERY = re.compile(r"(?<=[\w/.~%-])\?\S+?(?=\"?(?:\s|$))")
+_QUERY = re.compile(r"(?<=[\w/.~%-])\?(?!\[query hidden\])\S+?(?=\"?(?:\s|$))")
 QUERY_HIDDEN = "?[query hidden]"
 _HEADER_LINES = {"< %s: %s", "> %s: %s"}  # how websockets logs a handshake's headers at DEBUG
 _SECRET_HEADERS = {"authorization", "x-api-key", "cookie", "proxy-authorization"}
@@ -273,3 +273,26 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     protect_uvicorn_loggers(level.upper())
+
+
+class Throttle:
+    """Logs a repeated warning at most once per `interval` seconds, with how many were left out,
+    so a flood (a database away under load, a connection flood) is one line, not thousands."""
+
+    def __init__(self, log: logging.Logger, interval: float, clock: Any = time.monotonic) -> None:
+        self._log = log
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._skipped = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg = f"{msg} ({self._skipped} more like it in the last {self._interval:g} s)"
+        self._skipped = 0
+        self._next = now + self._interval
+        self._log.warning(msg, *args)
