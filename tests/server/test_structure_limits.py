@@ -25,7 +25,7 @@ from ccm.protocol import (
     exceeds_depth,
     register_refusal,
 )
-from ccm.server.api import SHOWN_DEPTH, TOO_DEEP
+from ccm.server.answers import SHOWN_DEPTH, TOO_DEEP
 from tests.server.support import API_KEY, AipClient, ServerThread, frame, run, track
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
