@@ -144,21 +144,22 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
-        data.update(getattr(record, "ctx", None) or {})
+        for key, value in (getattr(record, "ctx", None) or {}).items():
+            data[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        # json escapes C0 controls itself; NEL, U+2028, bidi controls and the like it leaves as
-        # they are, so they are escaped here (the line stays valid JSON: `\\u2028` is JSON).
-        return redact(
-            _JSON_UNSAFE.sub(_json_escape, json.dumps(data, default=str, ensure_ascii=False))
-        )
+            data["exception"] = redact(self.formatException(record.exc_info))
+        # Each text is redacted before encoding (afterwards a query at the end of a value would
+        # take the closing quote with it). json escapes C0 controls itself; NEL, U+2028, bidi
+        # controls and the like it leaves as they are, so they are escaped here (the line stays
+        # valid JSON: `\\u2028` is JSON).
+        return _JSON_UNSAFE.sub(_json_escape, json.dumps(data, default=str, ensure_ascii=False))
 
 
 # A query string: `?` right after a path character, up to the next space (a quote that closes
-# the path, as in uvicorn's lines, stays). The key may
-# travel in any parameter, in any case or percent encoding (`?Token=`, `?tok%65n=`), so the rule
+# the path, as in uvicorn's lines, stays). The key may travel in any parameter, in any case or
+# percent encoding (`?Token=`, `?tok%65n=`), so the rule
 # is the simple one: no line keeps a query string (prose like `done? yes` is left alone).
 _QUERY = re.compile(r"(?<=[\w/.~%-])\?(?!\[query hidden\])\S+?(?=\"?(?:\s|$))")
 QUERY_HIDDEN = "?[query hidden]"

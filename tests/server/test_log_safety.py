@@ -97,6 +97,16 @@ class TestNoQueryStrings:
         once = redact('"WebSocket /ws?token=KEY" 403')
         assert redact(once) == once == '"WebSocket /ws?[query hidden]" 403'
 
+    def test_json_lines_hide_queries_and_stay_json(self) -> None:
+        """A message or bound field that ends in a URL with its query is still valid JSON."""
+        rec = record("connecting to %s", "ws://h:5000/ws?token=KEY")
+        rec.ctx = {"url": "/ws?Token=KEY", "attempt": 3}
+        line = JsonFormatter().format(rec)
+        assert "KEY" not in line
+        entry = json.loads(line)
+        assert entry["message"] == "connecting to ws://h:5000/ws?[query hidden]"
+        assert (entry["url"], entry["attempt"]) == ("/ws?[query hidden]", 3)
+
     def test_the_filter_hides_queries_in_arguments_and_key_headers(self) -> None:
         """uvicorn's access line (path as an argument) and the handshake's header lines at
         DEBUG lose the key; other headers stay."""
