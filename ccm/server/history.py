@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ccm.config import LimitsSettings
-from ccm.errors import HistoryUnavailable, StoreUnavailable
+from ccm.errors import HistoryUnavailable, StoreUnavailable, first_line
 from ccm.logs import Throttle
 
 logger = logging.getLogger(__name__)
@@ -118,5 +118,5 @@ class HistoryReads:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    """The driver's own message (SQLAlchemy's adds the statement and a link), one line."""
+    return first_line(getattr(exc, "orig", None) or exc)[:200]
