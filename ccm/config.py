@@ -139,6 +139,33 @@ class ServerSettings(_Section):
     """`package.module:factory` building a runner for natural-language tasks (an LLM agent)."""
 
 
+class LimitsSettings(_Section):
+    """What one client may cost before it is refused: structure of frames, size of what a
+    registration asks ccm to keep, connections that have not registered yet, and how long history
+    reads may wait on the database."""
+
+    max_json_depth: int = Field(default=256, ge=8, le=400)
+    """Deepest nesting (objects and arrays) a frame may have. UFO's clients cannot send deeper
+    than 255 (pydantic stops serialising there); the ceiling keeps every copy and encoder in the
+    server well inside Python's recursion limit."""
+    max_metadata_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Size of a REGISTER's `metadata` as JSON, not counting `system_info`."""
+    max_system_info_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Size of a REGISTER's `metadata.system_info` as JSON (UFO's is under 2 KB)."""
+    request_timeout: Duration = timedelta(seconds=10)
+    """An HTTP request (or WebSocket upgrade) whose headers and body have not all arrived this
+    long after the connection opened (or after the previous response) is closed with 408."""
+    max_pending_connections: int = Field(default=1000, ge=1)
+    """Connections that have not finished a request or registered yet, in total; never more than
+    half the open-files limit."""
+    max_pending_per_address: int = Field(default=500, ge=1)
+    """The same, from one remote address."""
+    history_timeout: Duration = timedelta(seconds=5)
+    """A history read (SQL behind an HTTP route) not answered within this is a 503."""
+    max_history_reads: int = Field(default=4, ge=1)
+    """History reads running at once; more wait for a slot within `history_timeout`."""
+
+
 class MetricsSettings(_Section):
     enabled: bool = True
     require_api_key: bool = True
@@ -189,6 +216,7 @@ class Settings(_Section):
     writer: WriterSettings = WriterSettings()
     cleanup: CleanupSettings = CleanupSettings()
     server: ServerSettings = ServerSettings()
+    limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     cluster: ClusterSettings = ClusterSettings()

@@ -66,3 +66,8 @@ def _database_away() -> tuple[type[BaseException], ...]:
 DATABASE_AWAY = _database_away()
 """What a call to the database raises when it is away, refused, frozen or timed out (psycopg's
 own errors arrive wrapped as SQLAlchemy's, or as OSError from the socket)."""
+
+
+class HistoryUnavailable(CcmError):
+    """A history read could not be answered now (database away, frozen or too busy); the live
+    registry is not affected. The message says why and that a retry may work."""

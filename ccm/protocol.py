@@ -14,12 +14,15 @@ import re
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ccm.domain import ClientType
 from ccm.ids import new_id
+
+if TYPE_CHECKING:
+    from ccm.config import LimitsSettings
 
 JSONValue = Any
 
@@ -162,19 +165,54 @@ def has_unstorable_value(data: Any) -> bool:
     return False
 
 
-def decode_client_message(text: str) -> ClientMessage:
+DEFAULT_MAX_JSON_DEPTH = 256
+"""`limits.max_json_depth`: UFO's clients serialise frames with pydantic, which stops at 255."""
+
+
+def exceeds_depth(data: Any, max_depth: int) -> bool:
+    """True if objects and arrays nest deeper than `max_depth` (`{}` is depth 1). Iterative, and
+    only containers are visited: it is the client's nesting that is in question."""
+    if not isinstance(data, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _depth_error(max_depth: int) -> FrameError:
+    return FrameError(
+        f"frame nests objects and arrays deeper than {max_depth} levels (limits.max_json_depth): "
+        "send flatter JSON",
+        CLOSE_INVALID_PAYLOAD,
+        "too_deep",
+    )
+
+
+def decode_client_message(text: str, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> ClientMessage:
     """Parse one text frame; FrameError (1007) if it is not a JSON object of the right shape,
-    or holds a value ccm could not store or send back (NUL, lone surrogate, NaN, infinity)."""
+    nests deeper than `max_depth`, or holds a value ccm could not store or send back (NUL, lone
+    surrogate, NaN, infinity). Every later copy, encoder and HTTP route relies on that bound."""
     try:
         data = _DECODER.decode(text)
     except _OutOfRange:
         raise FrameError(_UNSTORABLE_REASON, CLOSE_INVALID_PAYLOAD, "invalid_text") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:  # deeper than Python's parser goes, so far deeper than any limit
+        raise _depth_error(max_depth) from None
+    except ValueError as exc:
         raise FrameError(
             f"frame is not valid JSON: {exc}", CLOSE_INVALID_PAYLOAD, "malformed_json"
         ) from None
     if not isinstance(data, dict):
         raise FrameError("frame must be one JSON object", CLOSE_INVALID_PAYLOAD)
+    # A frame cannot nest deeper than it has brackets: most frames skip the walk.
+    if text.count("{") + text.count("[") > max_depth and exceeds_depth(data, max_depth):
+        raise _depth_error(max_depth)
     if _ESCAPE in text and _SUSPECT.search(text) and has_unstorable_value(data):
         raise FrameError(_UNSTORABLE_REASON, CLOSE_INVALID_PAYLOAD, "invalid_text")
     try:
@@ -185,6 +223,37 @@ def decode_client_message(text: str) -> ClientMessage:
             for err in exc.errors()[:5]
         )
         raise FrameError(f"invalid message: {problems}", CLOSE_INVALID_PAYLOAD) from None
+
+
+def _json_bytes(value: JSONValue) -> int:
+    return len(_FRAME_ENCODER.encode(value).encode("utf-8"))
+
+
+def register_refusal(msg: ClientMessage, limits: LimitsSettings) -> str | None:
+    """The ERROR text for a REGISTER whose metadata or system info is larger than ccm keeps per
+    connection (`limits.max_metadata_bytes`, `limits.max_system_info_bytes`), or None. Sizes are
+    of the compact JSON; `metadata` is measured without its `system_info`."""
+    metadata = msg.metadata or {}
+    system_info = metadata.get("system_info")
+    rest = {k: v for k, v in metadata.items() if k != "system_info"}
+    for what, value, limit, key in (
+        (
+            "metadata.system_info",
+            system_info,
+            limits.max_system_info_bytes,
+            "max_system_info_bytes",
+        ),
+        ("metadata (without system_info)", rest, limits.max_metadata_bytes, "max_metadata_bytes"),
+    ):
+        if value is None:
+            continue
+        size = _json_bytes(value)
+        if size > limit:
+            return (
+                f"REGISTER {what} is {size} bytes as JSON, over the limit of {limit} "
+                f"(limits.{key}): send less"
+            )
+    return None
 
 
 def timestamp() -> str:

@@ -1,7 +1,10 @@
 """HTTP API: health, clients, devices, sessions, stats, dispatch and task results.
 
-Every route but `/healthz` needs `X-API-Key`. Live answers come from the registry (memory);
-history comes from SQL, queried in a worker thread so the event loop never waits on it.
+Every route but `/healthz` needs `X-API-Key`. Live answers come from the registry (memory) and
+run on the event loop itself (`async def`, no thread), so nothing the database does can delay
+them; history comes from SQL through `HistoryReads` (threads of its own, bounded in number and
+time, 503 when the database is away). Client ids are opaque: every id route takes `/` and any
+other character, percent-encoded. Answers that carry client JSON are `JsonAnswer`s.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, model_validator
 
@@ -17,8 +19,9 @@ from ccm.domain import FINISHED_STATES, SessionState
 from ccm.errors import ConfigError
 from ccm.protocol import has_unstorable_value, is_valid_task_name
 from ccm.server import views
+from ccm.server.answers import JsonAnswer
 from ccm.server.auth import Via, authenticate, require_api_key
-from ccm.server.deps import HubDep, RegistryDep, StoreDep
+from ccm.server.deps import HistoryDep, HubDep, RegistryDep, StoreDep
 from ccm.store.nodes import list_nodes
 from ccm.store.repository import read_connection_history, read_session_counts, read_sessions
 
@@ -26,7 +29,7 @@ public = APIRouter()
 router = APIRouter()
 
 
-def refuse_nul(request: Request) -> None:
+async def refuse_nul(request: Request) -> None:
     """Ids and filters reach SQL as bound values, and PostgreSQL refuses NUL in text (a 500):
     refuse it here, with a 400, on both databases alike."""
     values = [request.scope.get("path", ""), *(v for _, v in request.query_params.multi_items())]
@@ -40,16 +43,17 @@ MAX_OFFSET = 1_000_000_000
 """Larger offsets overflow the databases' 64-bit integers (a 500); no history is that long."""
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+AnyJson = dict[str, Any]
 
 
 @public.get("/healthz", tags=["health"])
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """Liveness only: no authentication, no data."""
     return {"status": "ok"}
 
 
 @public.get("/metrics", tags=["health"])
-def metrics(request: Request) -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus text format. Needs the key (`X-API-Key` or `Authorization: Bearer <key>`)
     unless `metrics.require_api_key` is false; `metrics.port` serves it on a separate bind."""
     settings = request.app.state.settings
@@ -68,44 +72,53 @@ def metrics(request: Request) -> Response:
 
 
 @protected.get("/health", tags=["health"])
-def health(registry: RegistryDep, request: Request) -> dict[str, Any]:
-    """`healthy`, or `degraded` while the database is not taking writes."""
+async def health(registry: RegistryDep, request: Request) -> dict[str, Any]:
+    """`healthy`, or `degraded` while the database is not taking writes or file descriptors run
+    short. Memory only: it answers while the database is frozen."""
     store = request.app.state.store
-    if store is None:  # database.enabled: false
-        return {"status": "healthy", "online_clients": registry.list_clients(), "database": None}
-    writer = store.writer.stats()
-    return {
-        "status": "degraded" if writer.degraded else "healthy",
+    fds = request.app.state.connections.file_descriptors()
+    answer: dict[str, Any] = {
+        "status": "degraded" if fds.short else "healthy",
         "online_clients": registry.list_clients(),
-        "database": {
-            "queue_depth": writer.queue_depth,
-            "max_queue": writer.max_queue,
-            "degraded": writer.degraded,
-            "last_error": writer.last_error,
-        },
-        "run_id": store.run_id,
+        "database": None,  # database.enabled: false
+        "file_descriptors": fds.as_dict(),
+        "pending_connections": request.app.state.connections.pending_count(),
     }
+    if store is None:
+        return answer
+    writer = store.writer.stats()
+    if writer.degraded:
+        answer["status"] = "degraded"
+    answer["database"] = {
+        "queue_depth": writer.queue_depth,
+        "max_queue": writer.max_queue,
+        "degraded": writer.degraded,
+        "last_error": writer.last_error,
+    }
+    answer["run_id"] = store.run_id
+    return answer
 
 
 @protected.get("/clients", tags=["clients"])
-def clients(hub: HubDep) -> dict[str, Any]:
+async def clients(hub: HubDep) -> dict[str, Any]:
     """Live clients of the whole cluster: UFO's `online_clients` list plus each client's type,
     platform and node."""
     details = views.clients(hub)
     return {"online_clients": [d["client_id"] for d in details], "clients": details}
 
 
-@protected.get("/clients/{client_id}/connections", tags=["clients"])
+@protected.get("/clients/{client_id:path}/connections", tags=["clients"])
 async def client_connections(
     client_id: str,
     store: StoreDep,
+    history: HistoryDep,
     since: AwareDatetime | None = None,
     until: AwareDatetime | None = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> dict[str, Any]:
-    """A client's connection history from SQL, newest first."""
-    rows = await run_in_threadpool(
+    """A client's connection history from SQL, newest first. Any id, `/` included."""
+    rows = await history.run(
         read_connection_history,
         store.engine,
         client_id,
@@ -118,25 +131,27 @@ async def client_connections(
 
 
 @protected.get("/devices", tags=["devices"])
-def devices(hub: HubDep) -> dict[str, Any]:
+async def devices(hub: HubDep) -> dict[str, Any]:
     """Live devices of the whole cluster, with counts by platform."""
     return views.devices(hub)
 
 
-@protected.get("/devices/select", tags=["devices"])
-def select_device(
+@protected.get("/devices/select", tags=["devices"], response_model=AnyJson)
+async def select_device(
     hub: HubDep,
     platform: str | None = None,
     capabilities: Annotated[list[str] | None, Query()] = None,
     tags: Annotated[list[str] | None, Query()] = None,
-) -> dict[str, Any]:
+) -> Response:
     """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated."""
     caps = _split(capabilities)
     wanted_tags = _split(tags)
     device_id = views.select_device(hub, platform, caps, wanted_tags)
     if device_id is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No connected device matches")
-    return {"device_id": device_id, "system_info": views.device_system_info(hub, device_id)}
+    return JsonAnswer(
+        {"device_id": device_id, "system_info": views.device_system_info(hub, device_id)}
+    )
 
 
 @protected.post("/devices/reload-config", tags=["devices"])
@@ -153,35 +168,38 @@ def reload_device_config(registry: RegistryDep) -> dict[str, Any]:
     }
 
 
-@protected.get("/devices/{device_id}", tags=["devices"])
-def device(device_id: str, hub: HubDep) -> dict[str, Any]:
-    """A live device of the cluster; `sessions` lists its running sessions when it is
-    connected to this node (null when to another)."""
+@protected.get("/devices/{device_id:path}", tags=["devices"], response_model=AnyJson)
+async def device(device_id: str, hub: HubDep) -> Response:
+    """A live device of the cluster, any id (`/` included; `select` and `reload-config` name
+    the routes above); `sessions` lists its running sessions when it is connected to this node
+    (null when to another)."""
     found = views.device(hub, device_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Device not connected")
-    return found
+    return JsonAnswer(found)
 
 
 @protected.get("/nodes", tags=["cluster"])
-async def nodes(hub: HubDep, request: Request) -> dict[str, Any]:
+async def nodes(hub: HubDep, history: HistoryDep, request: Request) -> dict[str, Any]:
     """The nodes of the cluster (on SQLite, this one): id, name, address, started, last lease
     renewal, clients held and running sessions, alive ones first."""
     store = request.app.state.store
     if hub.cluster is None or store is None:
         return {"nodes": [views.single_node(hub, store)]}
-    rows = await run_in_threadpool(list_nodes, store.engine)
+    rows = await history.run(list_nodes, store.engine)
     listed = sorted((r.as_dict() for r in rows), key=lambda n: n["state"] != "alive")
     return {"nodes": listed}
 
 
 @protected.get("/stats", tags=["stats"])
-async def stats(registry: RegistryDep, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+async def stats(
+    registry: RegistryDep, store: StoreDep, hub: HubDep, history: HistoryDep
+) -> dict[str, Any]:
     """The seed's counts, plus sessions by state (SQL) and the store writer's figures.
     `live_sessions` counts the session manager's own map (`active_sessions` the registry's)."""
     result = views.counts(hub)
     result["live_sessions"] = len(hub.sessions)
-    result["sessions_by_state"] = await run_in_threadpool(read_session_counts, store.engine)
+    result["sessions_by_state"] = await history.run(read_session_counts, store.engine)
     writer = store.writer.stats()
     result["store"] = {
         "queue_depth": writer.queue_depth,
@@ -193,9 +211,10 @@ async def stats(registry: RegistryDep, store: StoreDep, hub: HubDep) -> dict[str
     return result
 
 
-@protected.get("/sessions", tags=["sessions"])
+@protected.get("/sessions", tags=["sessions"], response_model=AnyJson)
 async def sessions(
     store: StoreDep,
+    history: HistoryDep,
     state: Annotated[list[SessionState] | None, Query()] = None,
     device_id: str | None = None,
     constellation_id: str | None = None,
@@ -203,10 +222,10 @@ async def sessions(
     until: AwareDatetime | None = None,
     limit: Limit = 100,
     offset: Offset = 0,
-) -> dict[str, Any]:
+) -> Response:
     """Session history from SQL, newest first; `since`/`until` bound the creation time and
     must carry a UTC offset (a naive time is 422: it cannot be compared with the UTC columns)."""
-    rows = await run_in_threadpool(
+    rows = await history.run(
         read_sessions,
         store.engine,
         state=[s.value for s in state] if state else None,
@@ -217,17 +236,17 @@ async def sessions(
         limit=limit,
         offset=offset,
     )
-    return _page([r.as_dict() for r in rows], limit, offset)
+    return JsonAnswer(_page([r.as_dict() for r in rows], limit, offset))
 
 
-@protected.get("/sessions/{session_id:path}", tags=["sessions"])
-async def session(session_id: str, store: StoreDep) -> dict[str, Any]:
+@protected.get("/sessions/{session_id:path}", tags=["sessions"], response_model=AnyJson)
+async def session(session_id: str, store: StoreDep, history: HistoryDep) -> Response:
     """The newest run with this session id (a constellation may reuse an id after it ended).
     Session ids are opaque and may contain `/`, hence the `path` converter."""
-    rows = await run_in_threadpool(read_sessions, store.engine, session_id=session_id, limit=1)
+    rows = await history.run(read_sessions, store.engine, session_id=session_id, limit=1)
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")
-    return rows[0].as_dict()
+    return JsonAnswer(rows[0].as_dict())
 
 
 class DispatchBody(BaseModel):
@@ -271,20 +290,22 @@ async def dispatch(
     }
 
 
-@protected.get("/task_result/{task_name}", tags=["sessions"])
-async def task_result(task_name: str, store: StoreDep) -> dict[str, Any]:
+@protected.get("/task_result/{task_name}", tags=["sessions"], response_model=AnyJson)
+async def task_result(task_name: str, store: StoreDep, history: HistoryDep) -> Response:
     """UFO's route, answered from SQL: `pending` until the newest session of that name ends."""
-    rows = await run_in_threadpool(read_sessions, store.engine, task_name=task_name, limit=1)
+    rows = await history.run(read_sessions, store.engine, task_name=task_name, limit=1)
     if not rows or SessionState(rows[0].state) not in FINISHED_STATES:
-        return {"status": "pending"}
+        return JsonAnswer({"status": "pending"})
     row = rows[0]
-    return {
-        "status": "done",
-        "state": row.state,
-        "session_id": row.session_id,
-        "result": row.result,
-        "error": row.error,
-    }
+    return JsonAnswer(
+        {
+            "status": "done",
+            "state": row.state,
+            "session_id": row.session_id,
+            "result": row.result,
+            "error": row.error,
+        }
+    )
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -302,3 +323,8 @@ def _page(items: list[dict[str, Any]], limit: int, offset: int) -> dict[str, Any
 
 router.include_router(public)
 router.include_router(protected)
+
+
+def history_unavailable(_request: Request, exc: Exception) -> Response:
+    """HistoryUnavailable as a 503 with its text as `detail` (installed by create_app)."""
+    return JsonAnswer({"detail": str(exc)}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)

@@ -14,12 +14,15 @@ from starlette.routing import WebSocketRoute
 
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
-from ccm.errors import CcmError
+from ccm.errors import CcmError, HistoryUnavailable
 from ccm.metrics import Metrics
+from ccm.server.api import history_unavailable
 from ccm.server.api import router as api_router
 from ccm.server.auth import KeyRing, LocalOnlyGuard, is_loopback_bind
 from ccm.server.dashboard import router as dashboard_router
 from ccm.server.docs import install_docs
+from ccm.server.history import HistoryReads
+from ccm.server.limits import ConnectionGate
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
 from ccm.server.ws import websocket_endpoint
@@ -72,6 +75,9 @@ def create_app(
     app.state.keys = keys
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.history = HistoryReads(settings.limits)  # bounded SQL reads for the HTTP API
+    app.state.connections = ConnectionGate(settings.limits)  # pending connections, descriptors
+    app.add_exception_handler(HistoryUnavailable, history_unavailable)  # 503, not CcmError's 400
     # /ws first, as a plain Starlette route: every connection is matched against the routes
     # in order, and the endpoint takes the WebSocket itself (no FastAPI dependency solving).
     app.router.routes.insert(0, WebSocketRoute("/ws", websocket_endpoint))

@@ -254,7 +254,7 @@ def authenticate(app: Any, given: str | None, via: Via) -> str | None:
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, given: Annotated[str | None, Depends(_api_key_header)]
 ) -> None:
     """FastAPI dependency: 401 unless X-API-Key is one of the server's keys."""

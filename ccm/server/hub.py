@@ -27,6 +27,7 @@ from ccm.protocol import (
     TaskStatus,
     error_frame,
     ok_frame,
+    register_refusal,
     server_frame,
 )
 from ccm.registry import ClientConnectionManager
@@ -37,7 +38,7 @@ from ccm.server.forwarding import forward_task, tell_requester_gone
 from ccm.server.orchestrator import SessionOrchestrator
 from ccm.server.peer import Peer
 from ccm.server.policy import Scope, identity_mismatch
-from ccm.server.registration import Registrar
+from ccm.server.registration import Registrar, RegistrationRefused
 from ccm.server.router import Router
 from ccm.server.runners import SessionRunner
 from ccm.server.tasks import TaskRequest, execution_mode, refuse_task
@@ -112,6 +113,8 @@ class Hub:
         self, websocket: Any, msg: ClientMessage, remote_address: str | None
     ) -> Peer:
         """See Registrar.register: raises RegistrationRefused with the text for the client."""
+        if refusal := register_refusal(msg, self.settings.limits):  # sizes: before any copy
+            raise RegistrationRefused(refusal)
         return await self.registrar.register(websocket, msg, remote_address)
 
     async def _stale(self, peer: Peer) -> None:

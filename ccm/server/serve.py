@@ -1,4 +1,5 @@
-"""Run the app under uvicorn with our logging, frame limit, and a graceful WebSocket shutdown."""
+"""Run the app under uvicorn with our logging, frame limit, transport limits, and a graceful
+WebSocket shutdown."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import logging
 import signal
 import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from ccm.config import Settings
 from ccm.errors import CcmError
+from ccm.server.limits import install, raise_open_files_limit
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +56,32 @@ class CcmServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ccm, loaded, with the transport limits installed (pending
+    connection caps, request deadline: see ccm/server/limits.py). `overrides` are uvicorn.Config
+    arguments (tests pick the loop and HTTP implementation)."""
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "log_config": None,
+        "ws_max_size": settings.server.max_frame_bytes,
+        "ws_ping_interval": settings.server.ws_ping_interval.total_seconds(),
+        "ws_ping_timeout": settings.server.ws_ping_interval.total_seconds(),
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": 10,
+        "server_header": False,
+        # An idle keep-alive connection holds a descriptor: no longer than a request may take.
+        "timeout_keep_alive": min(5, max(1, int(settings.limits.request_timeout.total_seconds()))),
+        **overrides,
+    }
+    config = uvicorn.Config(app, **options)
+    install(config, app.state.connections)
+    return config
+
+
 def run_server(app: FastAPI, settings: Settings) -> None:
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        ws_max_size=settings.server.max_frame_bytes,
-        ws_ping_interval=settings.server.ws_ping_interval.total_seconds(),
-        ws_ping_timeout=settings.server.ws_ping_interval.total_seconds(),
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=10,
-        server_header=False,
-    )
+    raise_open_files_limit()  # before the first socket: thousands of clients need descriptors
+    config = uvicorn_config(app, settings)
     # uvicorn restores the SIGTERM handler it found when it stops, then raises the signal again
     # (its documented behaviour, to end as a signalled process would). A stop we completed
     # gracefully ends with status 0 instead: the handler found is this one.

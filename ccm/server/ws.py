@@ -107,7 +107,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         async with asyncio.timeout(server.register_timeout.total_seconds()):
             text = await _receive_text(websocket, max_bytes)
-        msg = decode_client_message(text)
+        msg = decode_client_message(text, max_depth=hub.settings.limits.max_json_depth)
     except TimeoutError:
         hub.metrics.registrations_refused.labels("register_timeout").inc()
         await _refuse(
@@ -135,6 +135,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         hub.metrics.registrations_refused.labels(exc.kind).inc()
         await _refuse(websocket, str(exc), CLOSE_POLICY)
         return
+    websocket.app.state.connections.registered(websocket.scope)  # no longer pending
     # An idle connection waits here for hours: do not keep its REGISTER frame (text and parsed
     # message, a few KB with system info) alive in this frame until the next message arrives.
     del text, msg
@@ -175,6 +176,7 @@ async def _receive_loop(
     returns why, unless the client closes (_Closed) or the socket breaks."""
     bad_frames = 0
     clock = asyncio.get_running_loop().time
+    max_depth = hub.settings.limits.max_json_depth
     while peer.interrupted is None:
         try:
             peer.receiving = True
@@ -183,7 +185,7 @@ async def _receive_loop(
             finally:
                 peer.receiving = False
             peer.last_frame_at = clock()
-            msg = decode_client_message(text)
+            msg = decode_client_message(text, max_depth=max_depth)
         except FrameError as exc:
             hub.metrics.protocol_errors.labels(exc.kind).inc()
             if exc.close_code == CLOSE_TOO_BIG:

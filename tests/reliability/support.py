@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -93,12 +94,15 @@ class ServeProcess:
         env: dict[str, str] | None = None,
         name: str = "serve",
         log_level: str = "WARNING",
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         self.database_url = database_url
         self.workdir = workdir
         self.port = free_port()
         self.name = name
         self.log_level = log_level
+        self.open_files = open_files
+        """(soft, hard) RLIMIT_NOFILE for the server process; None: inherited."""
         self.env = {
             **os.environ,
             # To check that a test fails without a fix: point this at an older tree of ccm.
@@ -152,6 +156,7 @@ class ServeProcess:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._limit_open_files if self.open_files else None,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -169,6 +174,10 @@ class ServeProcess:
                     f"ccm serve not healthy within {START_TIMEOUT} s:\n{self.log()}"
                 )
             time.sleep(0.05)
+
+    def _limit_open_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, exactly as in a crash."""

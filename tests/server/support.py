@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -22,7 +21,7 @@ from ccm.config import Settings
 from ccm.logs import protect_uvicorn_loggers
 from ccm.server.app import create_app
 from ccm.server.runners import SessionRunner
-from ccm.server.serve import CcmServer
+from ccm.server.serve import CcmServer, uvicorn_config
 from tests.support import free_port
 
 API_KEY = "test-key-0123456789"
@@ -36,15 +35,12 @@ class ServerThread:
         self.port = settings.server.port
         self.app = create_app(settings, api_key=API_KEY, runners=runners)
         protect_uvicorn_loggers()  # what `ccm serve` does through configure_logging
-        config = uvicorn.Config(
+        # The config `ccm serve` uses (transport limits included), on the asyncio loop.
+        config = uvicorn_config(
             self.app,
+            settings,
             host="127.0.0.1",
             port=self.port,
-            log_config=None,
-            ws_max_size=settings.server.max_frame_bytes,
-            ws_ping_interval=settings.server.ws_ping_interval.total_seconds(),
-            ws_ping_timeout=settings.server.ws_ping_interval.total_seconds(),
-            ws_per_message_deflate=False,
             timeout_graceful_shutdown=5,
             loop="asyncio",
             http="h11",

@@ -173,7 +173,7 @@ class TestLogs:
 
         text = self._render(TextFormatter(), emit)
         assert "super-secret-key" not in text
-        assert "token=[redacted]" in text
+        assert '"WebSocket /ws?[query hidden]" accepted' in text
 
     def test_uvicorn_connection_chatter_is_dropped_at_info_only(self) -> None:
         """uvicorn's per-WebSocket INFO lines go (ccm logs its own per client); its other
