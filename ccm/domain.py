@@ -68,6 +68,8 @@ class DisconnectReason(StrEnum):
     """Closed by a surviving node: the node that held it stopped renewing its lease."""
     NODE_FENCED = "node_fenced"
     """Closed by its own node, which found its lease expired (it was paused or cut off)."""
+    DUPLICATE = "duplicate"
+    """Accepted while the database was away; when it was back, the id was held elsewhere."""
     STALE = "stale"
     """A newcomer claimed the id and this connection did not answer a ping in time."""
 

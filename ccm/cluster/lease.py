@@ -1,11 +1,13 @@
 """NodeLease: this node's membership of the cluster, and the reaper of the nodes that left it
 without a word.
 
-The lease is renewed every third of its length with the database's clock. A node that cannot
-renew (the database says its lease ran out, or no renewal succeeded for a whole lease by the
-node's own monotonic clock, when the database is out of reach or the process was paused) is
-fenced: `on_fenced` runs, and the node rejoins as a new run. On every tick the node also looks
-for nodes whose lease ran out and reaps them, under the cluster-wide advisory lock, so once.
+The lease is renewed every third of its length with the database's clock. A node is fenced
+(`on_fenced` runs, and it rejoins as a new run) when the database says it was declared dead, when
+its writes are refused for that reason, or when no renewal succeeded for a whole lease by its own
+monotonic clock (cut off, or paused) while other nodes were alive: they may have declared it
+dead. A node that was alone goes on serving through an outage of the database: nobody can have
+declared it dead, and its lease is renewed when the database is back. On every tick the node
+also reaps the nodes whose lease ran out, under the cluster-wide advisory lock, so once.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ class NodeLease:
         lease: float,
         on_fenced: Callable[[], Awaitable[None]],
         writes_refused: Callable[[], bool] = lambda: False,
+        others_alive: Callable[[], bool] = lambda: True,
     ) -> None:
         self._engine = engine
         self._writes_refused = writes_refused
+        self._others_alive = others_alive
         self._run_id = run_id
         self.lease = lease
         self._on_fenced = on_fenced
@@ -99,7 +103,13 @@ class NodeLease:
             now = time.monotonic()
             if renewed and not self._writes_refused():
                 self._renewed_at = now
-            elif renewed or renewed is False or now - self._renewed_at > self.lease:
+            elif (
+                renewed
+                or renewed is False
+                # Cut off for a whole lease: the others may have declared this node dead. A node
+                # that was alone has nobody to do that, and goes on serving through the outage.
+                or (now - self._renewed_at > self.lease and self._others_alive())
+            ):
                 logger.error(
                     "node %s lost its lease (%s): closing its connections and rejoining",
                     self._run_id(),

@@ -97,11 +97,14 @@ class ClusterLink:
             lease=lease,
             on_fenced=on_fenced,
             writes_refused=lambda: store.writer.fenced,
+            others_alive=lambda: any(run != store.run_id for run in self.directory.nodes),
         )
         self._remote_sessions: dict[str, dict[str, str]] = {}
         """Sessions of this node's constellations that run on other nodes: client id ->
         {session id: run id}."""
         self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        """Claims of registrations accepted while the database was away."""
         """Answers awaited from other nodes (dispatch results, probe results), by correlation."""
 
     @property
@@ -215,9 +218,51 @@ class ClusterLink:
 
     # -- registration ---------------------------------------------------------------------------
 
-    async def claim(self, info: ClientInfo, *, takeover: bool) -> Claim:
+    async def claim(
+        self,
+        info: ClientInfo,
+        *,
+        takeover: bool,
+        on_lost: Callable[[], Awaitable[None]],
+        on_replaced: Callable[[Claim], None],
+    ) -> Claim | None:
         """Claim `info.client_id` for `info.connection_id` in the database (one group commit).
-        Raises NodeFenced or TimeoutError if the database did not confirm in time."""
+
+        None when the database is away (known, or it did not confirm within the ACK timeout):
+        the registration goes on, as on a single node, and the claim settles when the database
+        is back; if the id turned out to be held elsewhere, `on_lost` closes this connection
+        then. Raises NodeFenced if this node was declared dead."""
+        outcome = self._queue_claim(info, takeover=takeover)
+        writer = self.store.writer
+        committed = asyncio.ensure_future(writer.durable())
+        if not writer.degraded:
+            try:
+                async with asyncio.timeout(self.ack_timeout):
+                    await asyncio.shield(committed)
+            except TimeoutError:
+                pass
+            else:
+                if not outcome:
+                    raise NodeFenced("the claim was not applied")
+                return outcome[0]
+
+        async def settle() -> None:
+            try:
+                await committed
+            except NodeFenced:
+                return  # the node was declared dead meanwhile: fencing closes everything
+            if outcome and outcome[0].claimed:
+                on_replaced(outcome[0])
+            else:
+                await on_lost()
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return None
+
+    def _queue_claim(self, info: ClientInfo, *, takeover: bool) -> list[Claim]:
+        """Queue the claim write; the list gets its outcome when the batch is applied."""
         params = ConnectParams(
             p_connection_id=info.connection_id,
             p_client_id=info.client_id,
@@ -234,13 +279,8 @@ class ClusterLink:
         def apply(conn: Any) -> None:
             outcome[:] = [claim(conn, params, takeover=takeover)]
 
-        writer = self.store.writer
-        writer.submit(CustomWrite("claim", apply))
-        async with asyncio.timeout(self.ack_timeout):
-            await writer.durable()
-        if not outcome:
-            raise NodeFenced("the claim was not applied")
-        return outcome[0]
+        self.store.writer.submit(CustomWrite("claim", apply))
+        return outcome
 
     async def dispatch(
         self, device: RemoteClient, request: str, task_name: str | None

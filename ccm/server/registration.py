@@ -21,7 +21,7 @@ from ccm.client_info import ClientInfo
 from ccm.cluster.messages import CloseConnectionPayload, MessageKind, ProbePayload
 from ccm.config import DuplicatePolicy, Settings
 from ccm.domain import ClientType, DisconnectReason
-from ccm.errors import DuplicateClientError, NodeFenced
+from ccm.errors import DATABASE_AWAY, DuplicateClientError, NodeFenced
 from ccm.ids import new_id
 from ccm.logs import bind
 from ccm.metrics import Metrics
@@ -31,7 +31,7 @@ from ccm.server import ws_probe
 from ccm.server.cluster_link import ClusterLink
 from ccm.server.flapping import FlapGuard
 from ccm.server.peer import Peer
-from ccm.store.claims import holder_of
+from ccm.store.claims import Claim, holder_of
 from ccm.store.models import clients, column_length
 
 logger = logging.getLogger(__name__)
@@ -165,28 +165,51 @@ class Registrar:
 
     async def _claim(self, info: ClientInfo, cluster: ClusterLink) -> None:
         """Make the id this connection's in the database, or undo the registration and refuse."""
+        peer = info.transport
+        assert isinstance(peer, Peer)
         try:
             for _attempt in range(CLAIM_ATTEMPTS):
-                outcome = await cluster.claim(info, takeover=self._takeover)
+                outcome = await cluster.claim(
+                    info,
+                    takeover=self._takeover,
+                    on_lost=lambda: self._lost_claim(peer),
+                    on_replaced=lambda done: self._close_replaced(cluster, info, done),
+                )
+                if outcome is None:
+                    return  # the database is away: accepted now, settled when it is back
                 if outcome.claimed:
-                    for connection_id, run_id in outcome.replaced:
-                        if run_id != cluster.me:
-                            payload = CloseConnectionPayload(
-                                client_id=info.client_id,
-                                connection_id=connection_id,
-                                reason=DisconnectReason.REPLACED.value,
-                            )
-                            cluster.send(run_id, MessageKind.CLOSE_CONNECTION, payload)
+                    self._close_replaced(cluster, info, outcome)
                     return
                 if outcome.holder is None or not await self._holder_gave_up(
                     cluster, info.client_id, outcome.holder
                 ):
                     break
-        except (TimeoutError, NodeFenced):
+        except NodeFenced:
             raise RegistrationRefused(
-                "the database did not confirm the registration in time; try again"
+                "this node is rejoining the cluster; connect again (to any node)"
             ) from None
         raise RegistrationRefused(str(DuplicateClientError(info.client_id)))
+
+    def _close_replaced(self, cluster: ClusterLink, info: ClientInfo, outcome: Claim) -> None:
+        """Takeover: the nodes holding the connections the claim closed close their sockets."""
+        for connection_id, run_id in outcome.replaced:
+            if run_id != cluster.me:
+                payload = CloseConnectionPayload(
+                    client_id=info.client_id,
+                    connection_id=connection_id,
+                    reason=DisconnectReason.REPLACED.value,
+                )
+                cluster.send(run_id, MessageKind.CLOSE_CONNECTION, payload)
+
+    async def _lost_claim(self, peer: Peer) -> None:
+        """Accepted while the database was away, but the id was held elsewhere all along."""
+        logger.warning(
+            "closing client_id=%s: accepted while the database was away, its id is held by a "
+            "connection on another node",
+            peer.client_id,
+        )
+        await self._on_undo(peer)
+        peer.kick(DisconnectReason.DUPLICATE)
 
     async def _holder_gave_up(
         self, cluster: ClusterLink, client_id: str, holder: tuple[str, str]
@@ -194,7 +217,10 @@ class Registrar:
         """The id is held by a connection on another node: True if that one is gone now (its
         node is dead and was reaped, or it did not answer a ping and was closed as `stale`)."""
         connection_id, run_id = holder
-        found = await asyncio.to_thread(holder_of, cluster.store.engine, client_id)
+        try:
+            found = await asyncio.to_thread(holder_of, cluster.store.engine, client_id)
+        except DATABASE_AWAY:
+            return False  # cannot tell: the holder keeps the id
         if found is None:
             return True  # closed meanwhile
         if not found[2]:  # its node's lease ran out: reap it now rather than wait for a tick

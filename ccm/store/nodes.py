@@ -94,16 +94,14 @@ def join(
 
 
 def renew(engine: Engine, run_id: str, lease: float) -> bool:
-    """Extend the lease. False if it had already run out or the node was declared dead: the
-    node must then stop serving (it is fenced)."""
+    """Extend the lease. False if the node was declared dead: it must then stop serving (it is
+    fenced). A lease that ran out while nobody reaped the node (the database was away for every
+    node, or the node was alone) is extended: the row lock orders this against a reaper's
+    update, so either the renewal or the reap wins, never both."""
     with engine.begin() as conn:
         renewed = conn.execute(
             update(server_runs)
-            .where(
-                server_runs.c.run_id == run_id,
-                server_runs.c.state == ALIVE,
-                server_runs.c.lease_until > func.now(),
-            )
+            .where(server_runs.c.run_id == run_id, server_runs.c.state == ALIVE)
             .values(renewed_at=func.now(), lease_until=_lease_end(lease))
             .returning(server_runs.c.run_id)
         ).first()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, select
 
 from ccm.store.models import connections
-from tests.reliability.support import RawPool, ServeProcess, wait_until
+from tests.reliability.support import Proxy, RawPool, ServeProcess, wait_until
 from tests.server.support import AipClient, run, track
 
 
@@ -117,3 +118,42 @@ def test_a_stale_holder_on_another_node_gives_way(
     old, new = rows
     assert old.disconnect_reason == "stale"
     assert new.disconnected_at is None
+
+
+def test_an_id_accepted_while_the_database_was_away_yields_to_its_holder(
+    node: Callable[..., ServeProcess], db: Engine, pg_url: str
+) -> None:
+    """Node B cannot reach PostgreSQL: a REGISTER there goes on (as on one node) with its claim
+    queued. When the database is back and the id turns out to be held on A, B closes the
+    newcomer as `duplicate`; A's connection keeps the id."""
+    with db.connect() as conn:
+        port = conn.engine.url.port or 5432
+    proxy = Proxy(port).start()
+    try:
+        a = node("a")
+        b = node(
+            "b",
+            url=proxy.url_for(pg_url),
+            env={"CCM_CLUSTER_LEASE": "30s", "CCM_SERVER_SEND_TIMEOUT": "1s"},
+        )
+
+        async def scenario() -> tuple[dict[str, Any], int | None, str | None, list[Any]]:
+            _holder, first = await _register(a.ws_url, "id-dev-4")
+            assert first["status"] == "ok"
+            proxy.pause()
+            newcomer, reply = await _register(b.ws_url, "id-dev-4")
+            proxy.resume()
+            with contextlib.suppress(Exception):
+                while True:
+                    await newcomer.recv(timeout=30)
+            rows = await asyncio.to_thread(_connection_rows, db, "id-dev-4")
+            return reply, newcomer.ws.close_code, newcomer.ws.close_reason, rows
+
+        reply, code, reason, rows = run(scenario())
+        assert reply["status"] == "ok", reply
+        assert (code, reason) == (1008, "duplicate")
+        [row] = rows  # the holder's, still open: the newcomer never got a row
+        assert row.disconnected_at is None
+    finally:
+        proxy.resume()
+        proxy.kill()
