@@ -498,8 +498,13 @@ async def _flapper(port: int, index: int, tally: Tally) -> None:
             if reply.get("status") == "ok":
                 tally.registrations[client_id] += 1
                 if rng.random() < 0.25:  # come back while the old connection is still live
+                    # The old one reads meanwhile, so it answers the server's ping: provably
+                    # alive, it keeps the id (a silent one would be closed as stale).
+                    reading = asyncio.create_task(ws.recv(timeout=5))
                     again = await pool.connect()
                     refused = await again.register(client_id)
+                    reading.cancel()
+                    await asyncio.gather(reading, return_exceptions=True)
                     assert refused.get("type") == "error", refused
                     tally.flap_refusals += 1
                     frames, code = await _until_closed(again)
@@ -509,7 +514,10 @@ async def _flapper(port: int, index: int, tally: Tally) -> None:
                 else:
                     await ws.close()
             else:
-                assert "already registered" in str(reply.get("error")), reply
+                # Refused while its last connection lives on, or banned for flapping (more than
+                # flapping.max_connects registrations in the window).
+                error = str(reply.get("error"))
+                assert "already registered" in error or "(flapping)" in error, reply
                 tally.flap_refusals += 1
                 frames, code = await _until_closed(ws)
                 assert code == 1008, (frames, code)
