@@ -2,12 +2,13 @@
 without a word.
 
 The lease is renewed every third of its length with the database's clock. A node is fenced
-(`on_fenced` runs, and it rejoins as a new run) when the database says it was declared dead, when
-its writes are refused for that reason, or when no renewal succeeded for a whole lease by its own
-monotonic clock (cut off, or paused) while other nodes were alive: they may have declared it
-dead. A node that was alone goes on serving through an outage of the database: nobody can have
-declared it dead, and its lease is renewed when the database is back. On every tick the node
-also reaps the nodes whose lease ran out, under the cluster-wide advisory lock, so once.
+(`on_fenced` runs, and it rejoins as a new run) when the database says it was declared dead,
+when its writes are refused for that reason, or when no renewal succeeded for a whole lease by
+its own monotonic clock (cut off, or paused) while other nodes were alive (counted at its last
+renewal, or seen by its directory since): they may have declared it dead. A node that was alone
+goes on serving through an outage of the database: nobody can have declared it dead, and its
+lease is renewed when the database is back. On every tick the node also reaps the nodes whose
+lease ran out, under the cluster-wide advisory lock, so once.
 """
 
 from __future__ import annotations
@@ -48,11 +49,16 @@ class NodeLease:
         self.lease = lease
         self._on_fenced = on_fenced
         self._renewed_at = time.monotonic()
+        self._others_at_renewal = 0
+        """Other nodes alive at the last renewal: a node cut off after that knows it was not
+        alone even if its directory had not seen the newcomer yet."""
         self._task: asyncio.Task[None] | None = None
 
     async def join(self, *, name: str, address: str, version: str) -> None:
-        """Enter the cluster: this run's row, alive, then reap whatever expired meanwhile
-        (this node's own previous incarnation included) and what gone nodes left open."""
+        """Enter the cluster: this run's row, alive; then close what this node's previous
+        incarnation left if its process is gone (at once, as `server_restart`: its clients are
+        reconnecting here now and must not wait out its lease), reap whatever expired meanwhile
+        and what gone nodes left open."""
         await asyncio.to_thread(
             nodes_sql.join,
             self._engine,
@@ -63,9 +69,13 @@ class NodeLease:
             lease=self.lease,
         )
         self._renewed_at = time.monotonic()
+        for run_id in await asyncio.to_thread(
+            nodes_sql.previous_incarnations, self._engine, me=self._run_id(), address=address
+        ):
+            await asyncio.to_thread(self._reap_sync, run_id, nodes_sql.GoneBy.RESTARTED)
         await self.reap_expired()
         for run_id in await asyncio.to_thread(nodes_sql.orphaned_nodes, self._engine):
-            await asyncio.to_thread(self._reap_sync, run_id, True)
+            await asyncio.to_thread(self._reap_sync, run_id, None)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ccm-node-lease")
@@ -108,7 +118,10 @@ class NodeLease:
                 or renewed is False
                 # Cut off for a whole lease: the others may have declared this node dead. A node
                 # that was alone has nobody to do that, and goes on serving through the outage.
-                or (now - self._renewed_at > self.lease and self._others_alive())
+                or (
+                    now - self._renewed_at > self.lease
+                    and (self._others_at_renewal > 0 or self._others_alive())
+                )
             ):
                 logger.error(
                     "node %s lost its lease (%s): closing its connections and rejoining",
@@ -125,26 +138,29 @@ class NodeLease:
 
     def _tick_sync(self) -> bool:
         """Renew the lease; if it still holds, reap the nodes whose lease ran out."""
-        if not nodes_sql.renew(self._engine, self._run_id(), self.lease):
+        others = nodes_sql.renew(self._engine, self._run_id(), self.lease)
+        if others is None:
             return False
+        self._others_at_renewal = others
         with contextlib.suppress(*DATABASE_AWAY):  # a reap that fails is tried next tick
             for run_id in nodes_sql.expired_nodes(self._engine, me=self._run_id()):
-                self._reap_sync(run_id, False)
+                self._reap_sync(run_id, nodes_sql.GoneBy.LEASE_EXPIRED)
         return True
 
     async def reap_expired(self) -> None:
         for run_id in await asyncio.to_thread(
             nodes_sql.expired_nodes, self._engine, me=self._run_id()
         ):
-            await asyncio.to_thread(self._reap_sync, run_id, False)
+            await asyncio.to_thread(self._reap_sync, run_id, nodes_sql.GoneBy.LEASE_EXPIRED)
 
-    def _reap_sync(self, run_id: str, orphan: bool) -> None:
-        """Reap one node in one transaction, with the NODE_DEAD messages to every alive node."""
+    def _reap_sync(self, run_id: str, gone_by: nodes_sql.GoneBy | None) -> None:
+        """Reap one node in one transaction, with the NODE_DEAD messages to every alive node.
+        `gone_by` None: a run already not alive that left rows open (closed as `node_lost`)."""
         with self._engine.begin() as conn:
-            if orphan:
+            if gone_by is None:
                 report = nodes_sql.close_holdings(conn, run_id)
             else:
-                reaped = nodes_sql.reap(conn, run_id)
+                reaped = nodes_sql.reap(conn, run_id, gone_by=gone_by)
                 if reaped is None:
                     return  # another node holds the reaper's lock, or it renewed in time
                 report = reaped
@@ -169,10 +185,13 @@ class NodeLease:
                 at=utcnow(),
             )
         if report.connections_closed or report.sessions:
+            restarted = gone_by is nodes_sql.GoneBy.RESTARTED
             logger.warning(
-                "reaped node %s: %d connections closed (node_lost), %d sessions failed",
+                "%s %s: %d connections closed (%s), %d sessions ended",
+                "closed what was left by this node's previous run" if restarted else "reaped node",
                 run_id,
                 report.connections_closed,
+                "server_restart" if restarted else "node_lost",
                 len(report.sessions),
             )
 

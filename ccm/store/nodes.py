@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, or_, select, text, update
@@ -27,6 +28,16 @@ REAPER_LOCK = 0x63636D01
 ALIVE, LEFT, DEAD = "alive", "left", "dead"
 
 _LIVE = [s.value for s in LIVE_STATES]
+
+
+class GoneBy(StrEnum):
+    """How a node left without a word, which decides the reasons its rows close with."""
+
+    LEASE_EXPIRED = "lease_expired"
+    """Declared dead by the cluster: connections `node_lost`, sessions failed `node_lost`."""
+    RESTARTED = "server_restart"
+    """Its own successor found it gone (same host and address, process not running): rows
+    close as on a single node's restart, connections and sessions `server_restart`."""
 
 
 def _lease_end(seconds: float) -> Any:
@@ -93,11 +104,12 @@ def join(
         )
 
 
-def renew(engine: Engine, run_id: str, lease: float) -> bool:
-    """Extend the lease. False if the node was declared dead: it must then stop serving (it is
-    fenced). A lease that ran out while nobody reaped the node (the database was away for every
-    node, or the node was alone) is extended: the row lock orders this against a reaper's
-    update, so either the renewal or the reap wins, never both."""
+def renew(engine: Engine, run_id: str, lease: float) -> int | None:
+    """Extend the lease and count the other nodes alive now. None if the node was declared
+    dead: it must then stop serving (it is fenced). A lease that ran out while nobody reaped the
+    node (the database was away for every node, or the node was alone) is extended: the row
+    lock orders this against a reaper's update, so either the renewal or the reap wins, never
+    both."""
     with engine.begin() as conn:
         renewed = conn.execute(
             update(server_runs)
@@ -105,7 +117,9 @@ def renew(engine: Engine, run_id: str, lease: float) -> bool:
             .values(renewed_at=func.now(), lease_until=_lease_end(lease))
             .returning(server_runs.c.run_id)
         ).first()
-    return renewed is not None
+        if renewed is None:
+            return None
+        return len([other for other in alive_nodes(conn) if other != run_id])
 
 
 def leave(engine: Engine, run_id: str) -> None:
@@ -142,7 +156,9 @@ def expired_nodes(engine: Engine, *, me: str) -> list[str]:
         return [row[0] for row in rows]
 
 
-def reap(conn: Connection, run_id: str, *, reason: str = "lease_expired") -> ReapReport | None:
+def reap(
+    conn: Connection, run_id: str, *, gone_by: GoneBy = GoneBy.LEASE_EXPIRED
+) -> ReapReport | None:
     """In the caller's transaction: declare `run_id` dead and close what it held, once.
 
     None if another node holds the reaper's lock (it will do it) or the run is not an expired
@@ -152,28 +168,35 @@ def reap(conn: Connection, run_id: str, *, reason: str = "lease_expired") -> Rea
     locked = conn.execute(select(func.pg_try_advisory_xact_lock(REAPER_LOCK))).scalar()
     if not locked:
         return None
+    still_held = [server_runs.c.run_id == run_id, server_runs.c.state == ALIVE]
+    if gone_by is GoneBy.LEASE_EXPIRED:
+        still_held.append(
+            or_(server_runs.c.lease_until.is_(None), server_runs.c.lease_until < func.now())
+        )
     dead = conn.execute(
         update(server_runs)
-        .where(
-            server_runs.c.run_id == run_id,
-            server_runs.c.state == ALIVE,
-            or_(server_runs.c.lease_until.is_(None), server_runs.c.lease_until < func.now()),
-        )
-        .values(state=DEAD, stopped_at=func.now(), ended_reason=reason)
+        .where(*still_held)
+        .values(state=DEAD, stopped_at=func.now(), ended_reason=gone_by.value)
         .returning(server_runs.c.run_id)
     ).first()
     if dead is None:
         return None
-    return close_holdings(conn, run_id)
+    return close_holdings(conn, run_id, gone_by=gone_by)
 
 
-def close_holdings(conn: Connection, run_id: str) -> ReapReport:
+def close_holdings(
+    conn: Connection, run_id: str, *, gone_by: GoneBy = GoneBy.LEASE_EXPIRED
+) -> ReapReport:
     """Close the open connections and live sessions of a run that is gone (reaped, or left
     without closing them), in the caller's transaction."""
+    restarted = gone_by is GoneBy.RESTARTED
+    disconnect = DisconnectReason.SERVER_RESTART if restarted else DisconnectReason.NODE_LOST
+    state = SessionState.INTERRUPTED if restarted else SessionState.FAILED
+    reason = SessionReason.SERVER_RESTART if restarted else SessionReason.NODE_LOST
     closed = conn.execute(
         update(connections)
         .where(connections.c.server_run_id == run_id, connections.c.disconnected_at.is_(None))
-        .values(disconnected_at=func.now(), disconnect_reason=DisconnectReason.NODE_LOST.value)
+        .values(disconnected_at=func.now(), disconnect_reason=disconnect.value)
         .returning(connections.c.connection_id)
     ).all()
     if closed:
@@ -186,9 +209,9 @@ def close_holdings(conn: Connection, run_id: str) -> ReapReport:
         update(sessions)
         .where(sessions.c.server_run_id == run_id, sessions.c.state.in_(_LIVE))
         .values(
-            state=SessionState.FAILED.value,
-            reason=SessionReason.NODE_LOST.value,
-            error=NODE_LOST_ERROR,
+            state=state.value,
+            reason=reason.value,
+            error=None if restarted else NODE_LOST_ERROR,
             ended_at=func.now(),
         )
         .returning(sessions.c.session_id, sessions.c.constellation_id, sessions.c.device_id)
@@ -197,11 +220,42 @@ def close_holdings(conn: Connection, run_id: str) -> ReapReport:
     return ReapReport(
         run_id=run_id,
         connections_closed=len(closed),
-        sessions=[EndedRemotely(s, c, d, SessionState.FAILED) for s, c, d in ended],
+        sessions=[EndedRemotely(s, c, d, state) for s, c, d in ended],
     )
 
 
 NODE_LOST_ERROR = "the node that ran this session was lost (its lease expired)"
+
+
+def previous_incarnations(engine: Engine, *, me: str, address: str) -> list[str]:
+    """Runs of this node that died without a word and that it need not wait a lease for: rows
+    still alive on this host, at this node's address, whose process is not running. Both the
+    address and the process are checked: containers that share a host name but not a process
+    table (host networking) cannot share an address, since one port is bound by one process."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(server_runs.c.run_id, server_runs.c.pid).where(
+                server_runs.c.state == ALIVE,
+                server_runs.c.run_id != me,
+                server_runs.c.hostname == socket.gethostname(),
+                server_runs.c.address == address,
+            )
+        ).all()
+    return [
+        run_id
+        for run_id, pid in rows
+        if pid is not None and pid != os.getpid() and not _process_exists(pid)
+    ]
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, and not ours to judge
+    return True
 
 
 def orphaned_nodes(engine: Engine) -> list[str]:

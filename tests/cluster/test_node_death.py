@@ -92,6 +92,37 @@ def test_a_killed_node_is_reaped_once_and_its_parties_told(
     assert _run_state(db, "a") == ["dead"]
 
 
+def test_a_killed_node_restarted_at_its_address_closes_its_predecessor_at_once(
+    node: Callable[..., ServeProcess], db: Engine
+) -> None:
+    """kill -9 and a restart on the same host and port (a supervisor's restart): the new run
+    sees its predecessor's process gone and closes what it held as `server_restart`, as a
+    single node does, before a survivor's reaper would; the device registers again at once."""
+    a, b = node("a", env={"CCM_CLUSTER_LEASE": "30s"}), node("b")
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], float]:
+        _device, constellation = await _relay_session(a.ws_url, b.ws_url, "r-dev-1", "r-s1")
+        await asyncio.to_thread(a.kill)
+        restarted = time.monotonic()
+        await asyncio.to_thread(a.start)
+        end = await constellation.recv_type("task_end", timeout=20)
+        again = track(await AipClient.connect(a.ws_url))
+        reply = await again.register_device("r-dev-1", relay=True)
+        return end, reply, time.monotonic() - restarted
+
+    end, reply, took = run(scenario())
+    assert (end["status"], end["session_id"]) == ("failed", "r-s1")
+    assert reply["status"] == "ok", reply
+    assert took < 30, "the restart waited out the killed run's lease"
+    [session] = _rows(db, sessions, session_id="r-s1")
+    assert (session.state, session.reason) == ("interrupted", "server_restart")
+    first, *_again = sorted(
+        _rows(db, connections, client_id="r-dev-1"), key=lambda r: r.connected_at
+    )
+    assert first.disconnect_reason == "server_restart"
+    assert _run_state(db, "a") == ["dead", "alive"]
+
+
 def test_a_paused_node_is_fenced_and_its_late_writes_lose(
     node: Callable[..., ServeProcess], db: Engine
 ) -> None:
@@ -142,6 +173,7 @@ def test_a_node_cut_off_from_the_database_fences_itself(
     try:
         a = node("a", url=proxy.url_for(pg_url))
         node("b")
+        wait_until(lambda: _renewed_after_b_joined(db), REAP_WITHIN, "a renewed with b alive")
 
         async def scenario() -> tuple[int | None, float]:
             device = track(await AipClient.connect(a.ws_url))
@@ -162,6 +194,17 @@ def test_a_node_cut_off_from_the_database_fences_itself(
     finally:
         proxy.resume()
         proxy.kill()
+
+
+def _renewed_after_b_joined(db: Engine) -> bool:
+    """Node a has renewed its lease since b joined, so a knows it is not alone."""
+    with db.connect() as conn:
+        rows = {
+            row.name: row
+            for row in conn.execute(select(server_runs).where(server_runs.c.state == "alive"))
+        }
+    a, b = rows.get("a"), rows.get("b")
+    return a is not None and b is not None and a.renewed_at > b.started_at
 
 
 def test_a_second_server_on_one_sqlite_file_is_refused_at_once(tmp_path: Path) -> None:
