@@ -1,4 +1,5 @@
-"""(4) Connections: memory per idle registered connection, how many are held, registrations/s.
+"""(4) Connections: memory per idle registered connection, how many are held, registrations/s,
+and a burst: that many devices connecting at once.
 
 A fresh ccm (history persisted to SQLite) and the seed server each get `count` UFO devices that
 register (200 at a time) and then stay idle. Memory per connection is the server's RSS growth over
@@ -75,6 +76,61 @@ def _hold(server: Server, logs: Path, count: int, concurrency: int) -> dict[str,
     }
 
 
+def burst(*, logs: Path, sqlite_url: str, count: int) -> dict[str, Any]:
+    """`count` devices connect to a fresh ccm (SQLite) at once and retry until registered (the
+    reconnect storm after a restart): seconds until the last is registered, and until all of
+    their connection rows are committed."""
+    server = start_ccm("burst-ccm", logs, database_url=sqlite_url)
+    engine = make_engine(sqlite_url)
+    child = Child(
+        [
+            "-m",
+            "tests.benchmarks.loadgen",
+            "burst",
+            "--url",
+            server.url,
+            "--count",
+            str(count),
+            "--prefix",
+            "storm",
+        ],
+        log=logs / "loadgen-burst.log",
+    )
+    try:
+        done = child.read_json(300)
+        rows = 0
+        while time.time() - done["started_at"] < 300:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(func.count())
+                    .select_from(connections)
+                    .where(connections.c.client_id.like("storm-burst-%"))
+                ).scalar_one()
+            if rows >= done["held"]:
+                break
+            time.sleep(0.1)
+        persisted = time.time() - done["started_at"]
+        child.say("close")
+        child.read_json(120)
+        child.wait(60)
+    finally:
+        child.stop()
+        server.stop()
+        engine.dispose()
+    log(
+        f"burst: {done['held']:,} of {count:,} registered in {done['seconds']:.1f} s "
+        f"({done['retries']:,} retries), all persisted after {persisted:.1f} s"
+    )
+    return {
+        "count": count,
+        "registered": done["held"],
+        "retries": done["retries"],
+        "registered_s": done["seconds"],
+        "persisted_s": persisted,
+        "rows": rows,
+    }
+
+
 def run(*, logs: Path, sqlite_url: str, count: int, concurrency: int = 200) -> dict[str, Any]:
     out: dict[str, Any] = {"count": count}
     for name in ("ccm", "seed"):
@@ -95,4 +151,5 @@ def run(*, logs: Path, sqlite_url: str, count: int, concurrency: int = 200) -> d
             .where(connections.c.client_id.like("idleconn-ccm-idle-%"))
         ).scalar_one()
     engine.dispose()
+    out["burst"] = burst(logs=logs, sqlite_url=sqlite_url, count=count)
     return out

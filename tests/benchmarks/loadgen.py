@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 from array import array
@@ -394,9 +395,48 @@ async def idle(args: argparse.Namespace) -> dict[str, Any]:
     return {"alive_at_end": alive, "close_seconds": time.perf_counter() - t0}
 
 
+async def burst(args: argparse.Namespace) -> dict[str, Any]:
+    """`count` devices connect at once, as after a restart or a node's death: each retries (after
+    0.1-0.5 s, as a reconnecting client backs off) until it is registered. Reports when the last
+    one was; then holds them until stdin says so, and closes them."""
+    conns: list[Any] = []
+    refused = 0
+    rng = random.Random(7)
+    deadline = time.perf_counter() + 120
+
+    async def one(i: int) -> None:
+        nonlocal refused
+        frame = register_frame(f"{args.prefix}-burst-{i}", index=i)
+        while time.perf_counter() < deadline:
+            try:
+                conns.append(await registered(args.url, frame))
+                return
+            except Exception as exc:
+                refused += 1
+                if refused <= 3:
+                    print(f"registration refused, retrying: {exc!r}", file=sys.stderr)
+                await asyncio.sleep(rng.uniform(0.1, 0.5))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(args.count)))
+    elapsed = time.perf_counter() - t0
+    emit(
+        {
+            "held": len(conns),
+            "retries": refused,
+            "seconds": elapsed,
+            "started_at": time.time() - elapsed,
+            "registrations_per_s": len(conns) / elapsed,
+        }
+    )
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    return {"closed": len(conns)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["relay", "peer", "idle", "cycles"])
+    parser.add_argument("mode", choices=["relay", "peer", "idle", "cycles", "burst"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--prefix", default=f"lg{os.getpid()}")
     parser.add_argument("--duration", type=float, default=5.0)
@@ -425,6 +465,8 @@ def main() -> None:
         result = runner(peer(args))
     elif args.mode == "cycles":
         result = runner(cycles_phase(args.url, args.prefix, args.workers, args.duration))
+    elif args.mode == "burst":
+        result = runner(burst(args))
     else:
         result = runner(idle(args))
     emit(result)

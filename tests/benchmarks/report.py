@@ -41,8 +41,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
         f = relay["figures"]
         for mode, figs in f.items():
             target, met = "", None
-            if mode == "sqlite":
-                target, met = "≥ 12,000 tasks/s", figs["tasks_per_s"].median >= 12_000
+            if mode == "memory":
+                target = "server CPU ≤ 150 µs/task"
+                met = figs["server_cpu_us"].median <= 150
             out.append(
                 Row(
                     "2 relay",
@@ -56,17 +57,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     f"event-loop thread busy {figs['loop_busy_pct'].show()}",
                 )
             )
-            p99_target, p99_met = "", None
-            if mode == "sqlite":
-                p99_target, p99_met = "p99 ≤ 15 ms", figs["p99_ms"].median <= 15
             out.append(
                 Row(
                     "2 relay",
                     f"{mode}: latency p50 / p99",
                     f"{figs['p50_ms'].show()} / {figs['p99_ms'].show()}",
-                    "",
-                    p99_target,
-                    p99_met,
                 )
             )
         if "memory" in f:
@@ -81,9 +76,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
                             strict=False,
                         )
                     ]
-                    target, met = (
-                        ("≥ 85% of in-memory", ratio >= 0.85) if mode == "sqlite" else ("", None)
-                    )
+                    floor = 0.85 if mode == "sqlite" else 0.75
+                    target, met = f"≥ {floor:.0%} of in-memory", ratio >= floor
                     out.append(
                         Row(
                             "2 relay",
@@ -100,14 +94,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
         ccm, seed = peer["figures"]["ccm"], peer["figures"]["seed"]
         for phase, label in PHASES.items():
             ratio = _ratio(ccm[phase], seed[phase])
+            floor = 1.3 if phase == "cycles_per_s" else 1.0
             out.append(
                 Row(
                     "3 peer",
                     label,
                     ccm[phase].show(),
                     f"{ratio:.2f}× seed",
-                    "≥ 1.0× seed server",
-                    ratio >= 1.0,
+                    f"≥ {floor:.1f}× seed server",
+                    ratio >= floor,
                     f"seed {seed[phase].show()}",
                 )
             )
@@ -130,8 +125,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 "memory per idle connection",
                 f"{per / KB:.1f} KB",
                 f"{per / per_seed:.2f}× seed" if per_seed else "",
-                "≤ 40 KB",
-                per <= 40 * KB,
+                "≤ 30 KB",
+                per <= 30 * KB,
                 f"RSS {c['rss_before'] / 2**20:.0f} → {c['rss_after'] / 2**20:.0f} MiB; "
                 f"seed {per_seed / KB:.1f} KB",
             )
@@ -157,6 +152,23 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 note=f"seed {s['registrations_per_s']:,.0f}",
             )
         )
+        b = conns.get("burst")
+        if b:
+            out.append(
+                Row(
+                    "4 connections",
+                    f"burst: {b['count']:,} devices connecting at once, all registered",
+                    f"{b['registered_s']:.1f} s",
+                    "",
+                    "≤ 10 s, persisted",
+                    b["registered"] >= b["count"]
+                    and b["rows"] >= b["count"]
+                    and b["persisted_s"] <= 10,
+                    f"{b['registered']:,} registered, {b['retries']:,} retries after a refusal "
+                    f"(pending-connection cap); all {b['rows']:,} connection rows committed "
+                    f"after {b['persisted_s']:.1f} s",
+                )
+            )
         if peer:
             cyc = peer["figures"]["ccm"]["cycles_per_s"]
             out.append(
@@ -320,7 +332,11 @@ def _details(results: dict[str, Any]) -> list[str]:
     out.append(
         f"4. **Connections**: {cfg['connections']:,} UFO devices register 200 at a time and stay "
         f"idle; memory is the server's RSS growth over them (after a warm-up); ccm persists "
-        f"every connection to SQLite."
+        f"every connection to SQLite. The burst: as many devices open their connection at "
+        f"once against a fresh ccm on SQLite, with its shipped limits (at most 1,000 "
+        f"connections pending registration: the rest are refused and retry after 0.1 to "
+        f"0.5 s, as a reconnecting client backs off), timed until the last is registered and "
+        f"until all their connection rows are committed."
     )
     out.append(
         f"5. **Cleanup and audit**: {cfg['cleanup_rows']:,} finished sessions and as many closed "
