@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.routing import WebSocketRoute
 
 from ccm.config import Settings
 from ccm.devices import DeviceConfigs
@@ -25,7 +24,7 @@ from ccm.server.history import HistoryReads
 from ccm.server.limits import ConnectionGate
 from ccm.server.runners import SessionRunner, ToolPlanRunner, load_runner
 from ccm.server.runtime import Runtime
-from ccm.server.ws import websocket_endpoint
+from ccm.server.ws import WebSocketEndpoint
 from ccm.server.ws_probe import KeepTransport
 from ccm.version import VERSION
 
@@ -78,9 +77,6 @@ def create_app(
     app.state.history = HistoryReads(settings.limits)  # bounded SQL reads for the HTTP API
     app.state.connections = ConnectionGate(settings.limits)  # pending connections, descriptors
     app.add_exception_handler(HistoryUnavailable, history_unavailable)  # 503, not CcmError's 400
-    # /ws first, as a plain Starlette route: every connection is matched against the routes
-    # in order, and the endpoint takes the WebSocket itself (no FastAPI dependency solving).
-    app.router.routes.insert(0, WebSocketRoute("/ws", websocket_endpoint))
     app.include_router(api_router)
     app.include_router(dashboard_router)
     install_docs(app, settings.server.docs)
@@ -89,6 +85,7 @@ def create_app(
     async def _ccm_error(_request: Request, exc: CcmError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
+    app.add_middleware(WebSocketEndpoint)  # added first: innermost, /ws past the router
     if is_loopback_bind(settings.server.host):
         app.add_middleware(LocalOnlyGuard, allowed_hosts=settings.server.allowed_hosts)
     app.add_middleware(KeepTransport)  # added last: outermost, sees uvicorn's own send
