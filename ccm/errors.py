@@ -39,6 +39,10 @@ class NodeFenced(StoreUnavailable):
     declared it dead, so nothing it writes may land until it rejoins as a new node."""
 
 
+class WriteRefused(CcmError):
+    """The database refused a write for good (it was logged at ERROR and counted as lost)."""
+
+
 class SchemaOutdated(CcmError):
     """The database schema is not at the migration head."""
 

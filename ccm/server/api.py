@@ -94,6 +94,8 @@ async def health(registry: RegistryDep, request: Request) -> dict[str, Any]:
         "max_queue": writer.max_queue,
         "degraded": writer.degraded,
         "last_error": writer.last_error,
+        "writes_lost": writer.failed_by_kind,
+        "last_lost_write": writer.last_failure,
     }
     answer["run_id"] = store.run_id
     return answer

@@ -32,7 +32,7 @@ from ccm.cluster.messages import (
     StartSessionPayload,
 )
 from ccm.domain import ClientType
-from ccm.errors import DATABASE_AWAY, NodeFenced, first_line
+from ccm.errors import DATABASE_AWAY, NodeFenced, WriteRefused, first_line
 from ccm.ids import new_id
 from ccm.store import Store
 from ccm.store.claims import Claim, claim
@@ -231,7 +231,8 @@ class ClusterLink:
         None when the database is away (known, or it did not confirm within the ACK timeout):
         the registration goes on, as on a single node, and the claim settles when the database
         is back; if the id turned out to be held elsewhere, `on_lost` closes this connection
-        then. Raises NodeFenced if this node was declared dead."""
+        then. Raises NodeFenced if this node was declared dead, WriteRefused if the database
+        refused the claim's row."""
         outcome = self._queue_claim(info, takeover=takeover)
         writer = self.store.writer
         committed = asyncio.ensure_future(writer.durable())
@@ -242,8 +243,8 @@ class ClusterLink:
             except TimeoutError:
                 pass
             else:
-                if not outcome:
-                    raise NodeFenced("the claim was not applied")
+                if not outcome:  # committed around it: the database refused this write
+                    raise WriteRefused(f"the claim of {info.client_id!r} was refused")
                 return outcome[0]
 
         async def settle() -> None:
@@ -279,7 +280,8 @@ class ClusterLink:
         def apply(conn: Any) -> None:
             outcome[:] = [claim(conn, params, takeover=takeover)]
 
-        self.store.writer.submit(CustomWrite("claim", apply))
+        about = f"client_id={info.client_id!r} connection_id={info.connection_id!r}"
+        self.store.writer.submit(CustomWrite("claim", apply, about=about))
         return outcome
 
     async def dispatch(

@@ -21,7 +21,7 @@ from ccm.client_info import ClientInfo
 from ccm.cluster.messages import CloseConnectionPayload, MessageKind, ProbePayload
 from ccm.config import DuplicatePolicy, Settings
 from ccm.domain import ClientType, DisconnectReason
-from ccm.errors import DATABASE_AWAY, DuplicateClientError, NodeFenced
+from ccm.errors import DATABASE_AWAY, DuplicateClientError, NodeFenced, WriteRefused
 from ccm.ids import new_id
 from ccm.logs import bind
 from ccm.metrics import Metrics
@@ -187,6 +187,12 @@ class Registrar:
         except NodeFenced:
             raise RegistrationRefused(
                 "this node is rejoining the cluster; connect again (to any node)"
+            ) from None
+        except WriteRefused:
+            raise RegistrationRefused(
+                "the database refused to store this registration (the server logged why); "
+                "ask the operator",
+                kind="write_refused",
             ) from None
         raise RegistrationRefused(str(DuplicateClientError(info.client_id)))
 

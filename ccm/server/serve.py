@@ -26,13 +26,17 @@ class CcmServer(uvicorn.Server):
     """uvicorn.Server that closes our WebSockets with 1001 (recorded as `server_shutdown`)
     before uvicorn's own shutdown would close them with its generic code."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, *, own_process: bool = False) -> None:
         super().__init__(config)
         self._app = app
+        self._own_process = own_process
+        """The server is the process (`ccm serve`), not a guest in one (tests): it may tune the
+        interpreter once it is up."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        tune_garbage_collector()
+        if self._own_process:
+            tune_garbage_collector()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_devices)
 
@@ -107,7 +111,7 @@ def run_server(app: FastAPI, settings: Settings) -> None:
     # gracefully ends with status 0 instead: the handler found is this one.
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        CcmServer(config, app).run()
+        CcmServer(config, app, own_process=True).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -147,6 +147,8 @@ class CustomWrite:
 
     name: str
     apply: WriteFn
+    about: str = ""
+    """What it carries, for the log line if the database refuses it (ids, never payloads)."""
 
 
 QueuedWrite = Write | CustomWrite
@@ -209,7 +211,7 @@ _DESCRIBED_PARAMS = (
 def describe(write: QueuedWrite) -> str:
     """The ids of what a lost write carried, for its log line (never its payloads)."""
     if not isinstance(write, Write):
-        return ""
+        return write.about
     params = write.params
     return " ".join(
         f"{name[2:]}={str(params[name])[:200]!r}" for name in _DESCRIBED_PARAMS if name in params

@@ -127,6 +127,74 @@ class TestMetrics:
             assert "ccm_registrations_total" in bearer.text
 
 
+def _refuse_connections_of(engine: Any, client_id: str) -> None:
+    """A trigger that makes the database itself refuse the connection rows of one client."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_one BEFORE INSERT ON connections "
+                f"WHEN NEW.client_id = '{client_id}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.client_id = '{client_id}' THEN "
+                "RAISE EXCEPTION 'refused by the test trigger'; END IF; RETURN NEW; END $$ "
+                "LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_one BEFORE INSERT ON connections "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+            )
+
+
+class TestLostWrites:
+    def test_a_write_the_database_refuses_is_counted_by_kind_in_health_and_metrics(
+        self, server: ServerThread, caplog: Any
+    ) -> None:
+        """The database refuses one device's connection row. The other devices are stored; the
+        loss shows in /api/health and /metrics by write kind and in an ERROR line. On a cluster
+        node (PostgreSQL) the row is the registration's claim, so that device is refused with a
+        reason; on SQLite it is accepted and its lost row reported the same way."""
+        from tests.server.scenario import connection_rows, engine_of
+
+        engine = engine_of(server)
+        _refuse_connections_of(engine, "doomed-dev")
+
+        async def scenario() -> dict[str, Any]:
+            replies = {}
+            for client_id in ("fine-dev-1", "doomed-dev", "fine-dev-2"):
+                client = track(await AipClient.connect(server.ws_url))
+                replies[client_id] = await client.register_device(client_id)
+            return replies
+
+        with caplog.at_level(logging.ERROR, logger="ccm.store.writer"):
+            replies = run(scenario())
+            with server.http() as http:
+                wait_until(
+                    lambda: http.get("/api/health").json()["database"]["writes_lost"],
+                    10,
+                    "the lost write counted",
+                )
+                health = http.get("/api/health").json()["database"]
+                metrics = _samples(http.get("/metrics").text)
+        doomed = replies.pop("doomed-dev")
+        assert [r["status"] for r in replies.values()] == ["ok", "ok"]
+        if engine.dialect.name == "postgresql":
+            assert doomed["status"] == "error"
+            assert "database refused to store this registration" in doomed["error"]
+        else:
+            assert doomed["status"] == "ok"
+        [(kind, count)] = health["writes_lost"].items()
+        assert count == 1
+        assert "doomed-dev" in health["last_lost_write"]
+        assert metrics[("ccm_store_writes_lost_total", (("kind", kind),))] == 1
+        assert any("doomed-dev" in r.getMessage() for r in caplog.records)
+        wait_until(lambda: connection_rows(server, "fine-dev-2"), 10, "the others stored")
+        assert connection_rows(server, "doomed-dev") == []
+
+
 class TestLogs:
     def _render(self, formatter: logging.Formatter, emit: Any) -> str:
         stream = io.StringIO()
