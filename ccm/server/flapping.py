@@ -7,7 +7,6 @@ is reported to `on_ban`, which records it in SQL and in /metrics.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +52,9 @@ class FlapGuard:
         self._on_ban = on_ban
         self._clock = clock
         self._window = settings.window.total_seconds()
-        self._recent: dict[tuple[FlapKind, str], collections.deque[float]] = {}
+        self._recent: dict[tuple[FlapKind, str], list[float]] = {}
+        """Connect times within the window, oldest first, at most limit + 1 (a list: a deque
+        takes a 600-byte block even for the one entry most subjects ever have)."""
         self._bans: dict[tuple[FlapKind, str], tuple[float, Ban]] = {}
 
     def check_client(self, client_id: str) -> str | None:
@@ -80,10 +81,12 @@ class FlapGuard:
         if recent is None:
             if len(self._recent) >= MAX_TRACKED:
                 self._forget_quiet(now)
-            recent = self._recent[key] = collections.deque(maxlen=limit + 1)
-        while recent and recent[0] <= now - self._window:
-            recent.popleft()
+            recent = self._recent[key] = []
+        stale = 0
+        while stale < len(recent) and recent[stale] <= now - self._window:
+            stale += 1
         recent.append(now)
+        del recent[: max(stale, len(recent) - (limit + 1))]
         if len(recent) <= limit:
             return None
         ban_seconds = self._settings.ban.total_seconds()
