@@ -24,6 +24,7 @@ from ccm.protocol import (
     decode_client_message,
     error_frame,
 )
+from ccm.server import ws_probe
 from ccm.server.auth import Via, authenticate
 from ccm.server.hub import Hub
 from ccm.server.peer import SOCKET_GONE, Peer
@@ -126,6 +127,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=CLOSE_POLICY, reason="Invalid or missing token")
         return
     await websocket.accept()
+    ws_probe.forget_handshake(websocket)
     flapping = hub.flapping.check_address(websocket.client.host if websocket.client else None)
     if flapping is not None:
         hub.metrics.registrations_refused.labels("flapping").inc()

@@ -202,6 +202,26 @@ class TestLiveness:
         old, _new = sorted(connection_rows(server, "s1-dev"), key=lambda r: r.connected_at)
         assert old.disconnect_reason == "stale"
 
+    def test_a_registered_connection_keeps_no_handshake_and_still_answers_pings(
+        self, server: ServerThread
+    ) -> None:
+        """uvicorn's copy of the handshake (request and response headers) is dropped once the
+        accept is out, and the connection still answers the probe that stale checks use."""
+        from ccm.server import ws_probe
+
+        async def scenario() -> tuple[Any, bool | None]:
+            await device(server, "h1-dev")
+            info = server.registry.get_client_info("h1-dev")
+            assert info is not None
+            protocol = ws_probe._protocol(info.websocket)
+            answered = await ws_probe.probe(info.websocket, 5)
+            return protocol, answered
+
+        protocol, answered = run(scenario())
+        assert protocol is not None, "uvicorn's protocol object is out of reach"
+        assert (protocol.request, protocol.response) == (None, None)
+        assert answered is True
+
     def test_a_live_connection_keeps_its_id(self, server: ServerThread) -> None:
         """The old connection answers its ping: the newcomer is refused, as UFO does."""
 
