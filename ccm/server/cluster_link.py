@@ -103,10 +103,10 @@ class ClusterLink:
         """Sessions of this node's constellations that run on other nodes: client id ->
         {session id: run id}."""
         self._waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
-        """correlation -> (node asked, its answer)."""
+        """Answers awaited from other nodes (dispatch results, probe results), by correlation:
+        (the node asked, its answer)."""
         self._settling: set[asyncio.Task[None]] = set()
         """Claims of registrations accepted while the database was away."""
-        """Answers awaited from other nodes (dispatch results, probe results), by correlation."""
 
     @property
     def me(self) -> str:
