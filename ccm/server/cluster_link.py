@@ -102,10 +102,11 @@ class ClusterLink:
         self._remote_sessions: dict[str, dict[str, str]] = {}
         """Sessions of this node's constellations that run on other nodes: client id ->
         {session id: run id}."""
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+        """Answers awaited from other nodes (dispatch results, probe results), by correlation:
+        (the node asked, its answer)."""
         self._settling: set[asyncio.Task[None]] = set()
         """Claims of registrations accepted while the database was away."""
-        """Answers awaited from other nodes (dispatch results, probe results), by correlation."""
 
     @property
     def me(self) -> str:
@@ -163,7 +164,7 @@ class ClusterLink:
         """Send a message that carries `payload["correlation"]` and await its answer."""
         correlation = payload["correlation"]
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[correlation] = answer
+        self._waiting[correlation] = (node, answer)
         try:
             self.bus.send(node, kind, payload)
             async with asyncio.timeout(within):
@@ -173,8 +174,15 @@ class ClusterLink:
 
     def answer(self, correlation: str, value: Any) -> None:
         waiting = self._waiting.get(correlation)
-        if waiting is not None and not waiting.done():
-            waiting.set_result(value)
+        if waiting is not None and not waiting[1].done():
+            waiting[1].set_result(value)
+
+    def abandon_requests(self, node: str) -> None:
+        """Node `node` was declared dead: what was asked of it will not be answered, so the
+        askers time out now instead of after their whole wait."""
+        for asked, answer in self._waiting.values():
+            if asked == node and not answer.done():
+                answer.set_exception(TimeoutError(f"node {node} was declared dead"))
 
     # -- where clients are ----------------------------------------------------------------------
 

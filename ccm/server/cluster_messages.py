@@ -169,6 +169,7 @@ class MessageHandlers:
         hub, link = self._hub, self._link
         run_id = payload["run_id"]
         link.directory.forget_node(run_id)
+        link.abandon_requests(run_id)
         told: set[tuple[str, str]] = set()
         ended = [(s["constellation_id"], s["session_id"]) for s in payload["sessions"]]
         for client_id, session_id in [*link.remote_sessions_on(run_id), *ended]:

@@ -223,15 +223,9 @@ class Registrar:
         """The id is held by a connection on another node: True if that one is gone now (its
         node is dead and was reaped, or it did not answer a ping and was closed as `stale`)."""
         connection_id, run_id = holder
-        try:
-            found = await asyncio.to_thread(holder_of, cluster.store.engine, client_id)
-        except DATABASE_AWAY:
-            return False  # cannot tell: the holder keeps the id
-        if found is None:
-            return True  # closed meanwhile
-        if not found[2]:  # its node's lease ran out: reap it now rather than wait for a tick
-            await cluster.lease.reap_expired()
-            return True
+        gone = await self._holder_gone(cluster, client_id)
+        if gone is not None:
+            return gone
         if run_id == cluster.me:
             return False  # held here by a live connection (a race with another newcomer)
         payload = ProbePayload(
@@ -243,5 +237,22 @@ class Registrar:
             )
         except TimeoutError:
             logger.warning("no answer from node %s probing client_id=%s", run_id, client_id)
-            return False
+            # A node that does not answer may have died: if its lease ran out (or it was
+            # reaped) while we waited, the id is free now, not only at the device's next try.
+            return bool(await self._holder_gone(cluster, client_id))
         return not alive
+
+    async def _holder_gone(self, cluster: ClusterLink, client_id: str) -> bool | None:
+        """True if nobody holds `client_id` any more or its holder's node lease ran out (then
+        it is reaped now rather than at the next tick); False if the database cannot tell (the
+        holder keeps the id); None if a live node still holds it."""
+        try:
+            found = await asyncio.to_thread(holder_of, cluster.store.engine, client_id)
+        except DATABASE_AWAY:
+            return False
+        if found is None:
+            return True  # closed meanwhile
+        if not found[2]:
+            await cluster.lease.reap_expired()
+            return True
+        return None

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks            # full run (< 10 min), writes RESULTS.md
     .venv/bin/python -m tests.benchmarks --quick    # short run (~3 min), prints the table only
-    options: --only registry,relay,peer,connections,cleanup,profile  --postgres-url URL
+    options: --only registry,relay,peer,connections,cleanup,profile,cluster  --postgres-url URL
              --output PATH  --keep-logs
 
 Every figure is the median of repeats in this run with its min-max; ratios compare figures of
@@ -31,7 +31,7 @@ from tests.benchmarks.common import (
 )
 from tests.support import postgres_available, postgres_database
 
-SECTIONS = ("registry", "relay", "peer", "connections", "cleanup", "profile")
+SECTIONS = ("registry", "relay", "peer", "connections", "cleanup", "profile", "cluster")
 
 FULL = {
     "registry_repeats": 7,
@@ -44,6 +44,10 @@ FULL = {
     "cleanup_rows": 1_000_000,
     "cleanup_baseline": 8.0,
     "audit_samples": 40,
+    "cluster_repeats": 3,
+    "cluster_duration": 5.0,
+    "cluster_cycles_duration": 3.0,
+    "failover_devices": 2_000,
 }
 QUICK = {
     "registry_repeats": 3,
@@ -56,6 +60,10 @@ QUICK = {
     "cleanup_rows": 100_000,
     "cleanup_baseline": 2.0,
     "audit_samples": 15,
+    "cluster_repeats": 2,
+    "cluster_duration": 2.0,
+    "cluster_cycles_duration": 1.5,
+    "failover_devices": 200,
 }
 
 
@@ -175,6 +183,30 @@ def main() -> None:
                     sqlite_url=sqlite_database(logs, "profile.db"),
                     seconds=3.0 if args.quick else 5.0,
                 )
+            if "cluster" in only:
+                if pg_url is None:
+                    reason = f"PostgreSQL not reachable at {args.postgres_url}"
+                    log(f"cluster: skipped, {reason} (a cluster needs PostgreSQL)")
+                    results["cluster"] = {"skipped": reason}
+                else:
+                    from tests.benchmarks import cluster_bench
+
+                    log(f"cluster: 2 nodes on PostgreSQL, {cfg['failover_devices']:,} to fail over")
+                    results["cluster"] = cluster_bench.run(
+                        logs=logs,
+                        # databases of their own: no other section's rows or nodes
+                        cluster_url=dbs.enter_context(
+                            postgres_database(args.postgres_url, "ccm_bench")
+                        ),
+                        single_url=dbs.enter_context(
+                            postgres_database(args.postgres_url, "ccm_bench")
+                        ),
+                        repeats=cfg["cluster_repeats"],
+                        duration=cfg["cluster_duration"],
+                        warmup=cfg["relay_warmup"],
+                        cycles_duration=cfg["cluster_cycles_duration"],
+                        failover_devices=cfg["failover_devices"],
+                    )
         ok = True
     finally:
         results["runtime_s"] = time.perf_counter() - started

@@ -4,6 +4,11 @@
     python -m tests.benchmarks.loadgen peer   --url WS [--duration S] ...
     python -m tests.benchmarks.loadgen idle   --url WS --count N ...
     python -m tests.benchmarks.loadgen cycles --url WS [--duration S] ...
+    python -m tests.benchmarks.loadgen failover --url WS --fallback-url WS2 --count N ...
+
+relay takes `--constellation-url` to put the constellations on another server than the devices
+(two nodes of a cluster); failover registers N devices on --url and, once that server dies,
+registers each of them again on --fallback-url (see `failover`).
 
 Each mode prints its figures as one JSON line on stdout. The same code drives ccm and the seed
 baseline server, so their figures compare. Frames are built from templates and received frames
@@ -86,13 +91,21 @@ async def connect(url: str) -> Any:
     return await websockets.connect(url, **CONNECT)
 
 
-async def registered(url: str, frame: str) -> Any:
-    ws = await connect(url)
-    await ws.send(frame)
-    reply = json.loads(await ws.recv())
-    if reply.get("status") != "ok":
-        raise RuntimeError(f"registration refused: {reply.get('error')}")
-    return ws
+async def registered(url: str, frame: str, retry_for: float = 0.0) -> Any:
+    """A connection whose REGISTER was accepted. `retry_for`: seconds to keep trying after a
+    refusal (a constellation on another node than its device: the target may not be listed
+    there yet)."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        ws = await connect(url)
+        await ws.send(frame)
+        reply = json.loads(await ws.recv())
+        if reply.get("status") == "ok":
+            return ws
+        await ws.close()
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"registration refused: {reply.get('error')}")
+        await asyncio.sleep(0.2)
 
 
 def emit(data: dict[str, Any]) -> None:
@@ -210,6 +223,8 @@ class Relay:
             for i, d in enumerate(devices)
         ]
         const_ws = []
+        const_url = a.constellation_url or a.url
+        retry = 0.0 if const_url == a.url else 10.0
         for i in range(a.constellations):
             cid = f"{self.prefix}-con-{i}@{devices[i % a.devices]}"
             const_ws.append(
@@ -217,7 +232,9 @@ class Relay:
                     cid,
                     devices[i % a.devices],
                     await registered(
-                        a.url, register_constellation_frame(cid, devices[i % a.devices])
+                        const_url,
+                        register_constellation_frame(cid, devices[i % a.devices]),
+                        retry_for=retry,
                     ),
                 )
             )
@@ -434,10 +451,86 @@ async def burst(args: argparse.Namespace) -> dict[str, Any]:
     return {"closed": len(conns)}
 
 
+# -- failover: devices of a killed server register again on another -------------------------
+
+
+async def failover(args: argparse.Namespace) -> dict[str, Any]:
+    """Register `count` devices on --url (`concurrency` at a time) and print a line. Each device
+    then waits for its connection to end; when it does (the orchestrator killed that server)
+    it reconnects to --fallback-url and registers the same id, retrying once a second (plus a
+    little jitter) while the id is refused, as a device does that lost its server. The
+    orchestrator writes the kill's time.monotonic() on stdin; the result is, from that
+    moment, when the first and the last device were registered again."""
+    sem = asyncio.Semaphore(args.concurrency)
+    ids = [f"{args.prefix}-{i}" for i in range(args.count)]
+    frames = [register_frame(cid, index=i) for i, cid in enumerate(ids)]
+    again: list[float] = []
+    attempts = 0
+    refusals: dict[str, int] = {}
+    held: list[Any] = []
+
+    async def first(i: int) -> Any:
+        async with sem:
+            return await registered(args.url, frames[i])
+
+    t0 = time.perf_counter()
+    conns = await asyncio.gather(*(first(i) for i in range(args.count)))
+    elapsed = time.perf_counter() - t0
+    emit({"held": len(conns), "seconds": elapsed, "registrations_per_s": len(conns) / elapsed})
+
+    async def device(i: int, ws: Any) -> None:
+        nonlocal attempts
+        try:
+            async for _ in ws:
+                pass
+        except Exception:  # the connection ended without a close frame: the server died
+            pass
+        while True:
+            async with sem:
+                attempts += 1
+                try:
+                    new = await connect(args.fallback_url)
+                    await new.send(frames[i])
+                    reply = json.loads(await new.recv())
+                except Exception as exc:
+                    reply = {"error": type(exc).__name__}
+                    new = None
+            if reply.get("status") == "ok":
+                again.append(time.monotonic())
+                held.append(new)
+                return
+            reason = str(reply.get("error")).replace(repr(ids[i]), "<id>")[:80]
+            refusals[reason] = refusals.get(reason, 0) + 1
+            if new is not None:
+                await new.close()
+            await asyncio.sleep(1.0 + random.random() * 0.5)
+
+    tasks = [asyncio.create_task(device(i, ws)) for i, ws in enumerate(conns)]
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    killed_at = float(line)
+    _done, pending = await asyncio.wait(tasks, timeout=args.timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*(ws.close() for ws in held), return_exceptions=True)
+    ordered = sorted(t - killed_at for t in again)
+    return {
+        "count": args.count,
+        "registered_again": len(ordered),
+        "first_s": ordered[0] if ordered else float("nan"),
+        "p50_s": percentile(ordered, 50) if ordered else float("nan"),
+        "all_s": ordered[-1] if len(ordered) == args.count else float("nan"),
+        "attempts": attempts,
+        "refusals": refusals,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["relay", "peer", "idle", "cycles", "burst"])
+    parser.add_argument("mode", choices=["relay", "peer", "idle", "cycles", "burst", "failover"])
     parser.add_argument("--url", required=True)
+    parser.add_argument("--constellation-url", default=None, help="relay: default --url")
+    parser.add_argument("--fallback-url", default=None, help="failover: the survivor")
+    parser.add_argument("--timeout", type=float, default=120.0, help="failover: give up after")
     parser.add_argument("--prefix", default=f"lg{os.getpid()}")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -467,6 +560,8 @@ def main() -> None:
         result = runner(cycles_phase(args.url, args.prefix, args.workers, args.duration))
     elif args.mode == "burst":
         result = runner(burst(args))
+    elif args.mode == "failover":
+        result = runner(failover(args))
     else:
         result = runner(idle(args))
     emit(result)

@@ -231,6 +231,72 @@ def rows(results: dict[str, Any]) -> list[Row]:
                         f"p95 {_p(fig, 95):.2f} ms over {len(fig.samples)} queries",
                     )
                 )
+    out += _cluster_rows(results.get("cluster"))
+    return out
+
+
+def _cluster_rows(cluster: dict[str, Any] | None) -> list[Row]:
+    if not cluster:
+        return []
+    if "skipped" in cluster:
+        return [Row("6 cluster", "every figure", "skipped", note=cluster["skipped"])]
+    out: list[Row] = []
+    f = cluster["relay"]["figures"]
+    label = {"same": "same node", "cross": "cross node"}
+    for mode in ("same", "cross"):
+        figs = f[mode]
+        out.append(
+            Row(
+                "6 cluster",
+                f"relay, {label[mode]}: throughput",
+                figs["tasks_per_s"].show(),
+                note=f"p50 {figs['p50_ms'].show()}; server CPU (both nodes) "
+                f"{figs['server_cpu_us'].show()}",
+            )
+        )
+        out.append(Row("6 cluster", f"relay, {label[mode]}: latency p99", figs["p99_ms"].show()))
+    ratio = _ratio(f["cross"]["tasks_per_s"], f["same"]["tasks_per_s"])
+    per_run = [
+        a / b
+        for a, b in zip(
+            f["cross"]["tasks_per_s"].samples, f["same"]["tasks_per_s"].samples, strict=False
+        )
+    ]
+    out.append(
+        Row(
+            "6 cluster",
+            "cross-node / same-node relay throughput",
+            f"{ratio:.0%}",
+            f"{ratio:.2f}",
+            "≥ 70% of same-node",
+            ratio >= 0.70,
+            "per repeat "
+            + ", ".join(f"{x:.0%}" for x in per_run)
+            + f"; {cluster['relay']['errors']} errors",
+        )
+    )
+    reg = cluster["registrations"]
+    out.append(
+        Row(
+            "6 cluster",
+            "connect/register/close cycles/s, node of a 2-node cluster",
+            reg["cluster"].show(),
+            f"{_ratio(reg['cluster'], reg['single']):.2f}× single node",
+            note=f"single node alone on PostgreSQL {reg['single'].show()}; 32 workers",
+        )
+    )
+    fo = cluster["failover"]
+    refusals = ", ".join(f"{n:,}× {why}" for why, n in sorted(fo["refusals"].items())) or "none"
+    out.append(
+        Row(
+            "6 cluster",
+            f"kill -9 of a node holding {fo['count']:,} devices → all registered on the survivor",
+            f"{fo['all_s']:.1f} s",
+            note=f"{fo['registered_again']:,} registered again; first after {fo['first_s']:.1f} s, "
+            f"half after {fo['p50_s']:.1f} s; lease 10 s; {fo['attempts']:,} attempts, "
+            f"refusals: {refusals}",
+        )
+    )
     return out
 
 
@@ -346,6 +412,17 @@ def _details(results: dict[str, Any]) -> list[str]:
         f"`ccm cleanup --finished-before 7d` runs) in a process of its own while a ccm server "
         f"on the same database serves a live relay load at 40% of the SQLite capacity measured "
         f"in (2)."
+    )
+    out.append(
+        f"6. **Cluster**: two ccm nodes on one PostgreSQL database (lease 10 s, the default). "
+        f"Relay as in (2), {cfg.get('cluster_repeats', '?')} × "
+        f"{cfg.get('cluster_duration', 0):g} s per mode, round-robin: devices and "
+        f"constellations on node A (same node), then devices on A and constellations on B "
+        f"(cross node: ACK and TASK_END go over the bus). Registrations: the cycles of (3) on "
+        f"A with B alive, beside one node alone on its own PostgreSQL database. Failover: "
+        f"{cfg.get('failover_devices', 0):,} devices registered on A, A killed with SIGKILL; "
+        f"each device reconnects to B and registers again, retrying once a second (plus up "
+        f"to 0.5 s jitter) while refused; time from the kill to the last registration on B."
     )
     out.append("")
     clean = results.get("cleanup")

@@ -92,6 +92,37 @@ def test_a_killed_node_is_reaped_once_and_its_parties_told(
     assert _run_state(db, "a") == ["dead"]
 
 
+def test_a_device_registering_while_its_dead_node_is_not_yet_reaped_gets_in_at_the_reap(
+    node: Callable[..., ServeProcess],
+) -> None:
+    """A device of a killed node registers on a survivor at once, before the node's lease has
+    run out: the survivor asks the dead node about the old connection and gets no answer, but
+    the reap ends that wait, and the id is given to the device (not refused, and without
+    waiting out the probe's send_timeout, made 60 s here so that the difference shows)."""
+    a, b = node("a"), node("b", env={"CCM_SERVER_SEND_TIMEOUT": "60s"})
+
+    async def scenario() -> tuple[dict[str, Any], float]:
+        device = track(await AipClient.connect(a.ws_url))
+        assert (await device.register_device("g-dev-1"))["status"] == "ok"
+        await asyncio.to_thread(
+            wait_until, lambda: "g-dev-1" in b.online(), 20, "b to list the device"
+        )
+        await asyncio.to_thread(a.kill)
+        killed = time.monotonic()
+        again = track(await AipClient.connect(b.ws_url))
+        await again.send(
+            type="register",
+            client_id="g-dev-1",
+            metadata={"system_info": {"device_id": "g-dev-1", "platform": "windows"}},
+        )
+        reply = await again.recv(timeout=90)
+        return reply, time.monotonic() - killed
+
+    reply, took = run(scenario())
+    assert reply["status"] == "ok", reply
+    assert took < 45, f"the registration waited {took:.0f} s for the dead node's answer"
+
+
 def test_a_killed_node_restarted_at_its_address_closes_its_predecessor_at_once(
     node: Callable[..., ServeProcess], db: Engine
 ) -> None:
