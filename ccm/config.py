@@ -208,6 +208,20 @@ class ClusterSettings(_Section):
     it renews every third of it."""
 
 
+class DispatchSettings(_Section):
+    """How many sessions a device runs at once, and how many wait for it (README, "How tasks
+    run"). A device's `max_concurrent_tasks` in the device config comes first."""
+
+    default_max_concurrent_tasks: int | None = Field(default=None, ge=1)
+    """Capacity of a device with none configured (and none accepted from its registration);
+    None: unlimited."""
+    capacity_from_registration: bool = False
+    """Accept `max_concurrent_tasks` from a device's REGISTER metadata (or its system_info)
+    when the device config gives none: trusts what devices say about themselves."""
+    max_queue_per_device: int = Field(default=100, ge=0)
+    """Sessions that may wait (`pending`) for a device at capacity; one more is refused."""
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     device_config: Path | None = None
@@ -221,6 +235,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     cluster: ClusterSettings = ClusterSettings()
     flapping: FlappingSettings = FlappingSettings()
+    dispatch: DispatchSettings = DispatchSettings()
 
     @property
     def database_url(self) -> str:

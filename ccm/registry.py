@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ccm.client_info import ClientInfo, next_epoch
 from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
-from ccm.device_index import DeviceIndex
+from ccm.device_index import DeviceIndex, Explanation
+from ccm.device_load import CapacityPolicy, DeviceLoads, LoadCounts
 from ccm.devices import DeviceConfigs, merge_device_info
 from ccm.domain import ClientType, DisconnectReason
 from ccm.errors import DuplicateClientError
@@ -45,6 +46,7 @@ class ClientConnectionManager:
         store: Store | None = None,
         device_configs: DeviceConfigs | None = None,
         duplicate_policy: DuplicatePolicy | str = DuplicatePolicy.REJECT,
+        capacity: CapacityPolicy | None = None,
         clock: Clock = utcnow,
     ) -> None:
         if device_configs is None:
@@ -57,6 +59,7 @@ class ClientConnectionManager:
         self.online_clients: dict[str, ClientInfo] = {}
         self._sessions = SessionMap()
         self._index = DeviceIndex()
+        self._loads = DeviceLoads(self._index, capacity or CapacityPolicy())
         self._heard: dict[str, None] = {}
         """Clients heard from (touch) since the last `take_heard_from`."""
 
@@ -95,6 +98,11 @@ class ClientConnectionManager:
             # the live system info: copies per idle connection are memory x 10,000 devices.
             metadata["system_info"] = reported
         system_info = self._system_info_for(client_id, reported)
+        capacity = (
+            self._loads.policy.capacity(self._device_configs.get(client_id), metadata)
+            if client_type is ClientType.DEVICE
+            else None
+        )
         now = self._clock()
         info = ClientInfo(
             websocket=ws,
@@ -118,10 +126,13 @@ class ClientConnectionManager:
                 if self.duplicate_policy is DuplicatePolicy.REJECT:
                     raise DuplicateClientError(client_id)
                 self._index.remove(old.client_id, old.client_type, old.platform, old.system_info)
+                self._loads.remove(client_id)
                 del self.online_clients[client_id]
                 info.replaced = old
             self.online_clients[client_id] = info
             self._index.add(info.client_id, info.client_type, info.platform, info.system_info)
+            if client_type is ClientType.DEVICE:
+                self._loads.add(client_id, capacity)
         if self._store is not None and record:
             if old is not None:
                 self._store.record_disconnect(
@@ -165,6 +176,7 @@ class ClientConnectionManager:
                 return None
             del self.online_clients[client_id]
             self._index.remove(info.client_id, info.client_type, info.platform, info.system_info)
+            self._loads.remove(client_id)
         if self._store is not None:
             self._store.record_disconnect(
                 connection_id=info.connection_id,
@@ -275,6 +287,29 @@ class ClientConnectionManager:
         with self.lock:
             return len(self._sessions)
 
+    # -- capacity and queues ----------------------------------------------------------------
+
+    def admit_session(self, device_id: str, session_id: str) -> int:
+        """Count a new session on its device: 0 if it may run now, else its place in the
+        device's queue (1 is next). Raises QueueFull when the queue is at its bound."""
+        with self.lock:
+            return self._loads.admit(device_id, session_id)
+
+    def release_session(self, session_id: str) -> list[str]:
+        """A session ended: the queued sessions of its device that may run now, oldest first
+        (they count as running already). Idempotent."""
+        with self.lock:
+            return self._loads.release(session_id)
+
+    def device_load(self, device_id: str) -> LoadCounts | None:
+        """A live device's capacity (None: unlimited) and its running and queued sessions."""
+        with self.lock:
+            return self._loads.counts(device_id)
+
+    def queue_position(self, device_id: str, session_id: str) -> int:
+        with self.lock:
+            return self._loads.queue_position(device_id, session_id)
+
     # -- device information -----------------------------------------------------------------
 
     def get_device_system_info(self, device_id: str) -> dict[str, Any] | None:
@@ -302,8 +337,19 @@ class ClientConnectionManager:
         self._device_configs.reload()
         changed: list[ClientInfo] = []
         with self.lock:
+            devices = list(self._index.by_type[ClientType.DEVICE])
+        capacities = {
+            device_id: self._loads.policy.capacity(
+                self._device_configs.get(device_id), info.metadata
+            )
+            for device_id in devices
+            if (info := self.get_client_info(device_id)) is not None
+        }
+        with self.lock:
             for device_id in list(self._index.by_type[ClientType.DEVICE]):
                 info = self.online_clients[device_id]
+                if device_id in capacities:
+                    self._loads.set_capacity(device_id, capacities[device_id])
                 merged = self._system_info_for(device_id, info.reported_system_info)
                 if merged != info.system_info:
                     self._index.replace_system_info(device_id, info.system_info, merged)
@@ -378,8 +424,9 @@ class ClientConnectionManager:
         required_capabilities: Iterable[str] | None = None,
         preferred_tags: Iterable[str] | None = None,
     ) -> str | None:
-        """The live device that has the platform and every capability and shares the most
-        preferred tags; ties go to the earliest registered. None if no device qualifies.
+        """Among the live devices that have the platform and every capability and room for one
+        more session: the one with the most free capacity, then the most preferred tags, then
+        the earliest registered. None if no device qualifies.
 
         A device without system info has no capabilities, so it never satisfies a capability
         requirement (UFO's sketch of this method let such devices through).
@@ -390,4 +437,27 @@ class ClientConnectionManager:
                 list(dict.fromkeys(required_capabilities or ())),
                 list(dict.fromkeys(preferred_tags or ())),
                 epoch_of=lambda device_id: self.online_clients[device_id].epoch,
+            )
+
+    def explain_selection(
+        self,
+        required_platform: str | None = None,
+        required_capabilities: Iterable[str] | None = None,
+        preferred_tags: Iterable[str] | None = None,
+        *,
+        limit: int = 10,
+    ) -> Explanation:
+        """What `select_optimal_device` chooses and why: each device passed over with its first
+        reason (configured devices not connected count as offline), each qualifying device's
+        score; at most `limit` devices per reason and `limit` scores."""
+        configured = self._device_configs.ids()
+        with self.lock:
+            offline = [d for d in configured if d not in self.online_clients]
+            return self._index.explain(
+                required_platform,
+                list(dict.fromkeys(required_capabilities or ())),
+                list(dict.fromkeys(preferred_tags or ())),
+                epoch_of=lambda device_id: self.online_clients[device_id].epoch,
+                offline=offline,
+                limit=limit,
             )
