@@ -282,12 +282,16 @@ async def dispatch(
     answer = await hub.dispatch_anywhere(body.client_id, body.request, task_name)
     if answer.status != status.HTTP_200_OK:
         raise HTTPException(answer.status, answer.error or "dispatch failed")
-    return {
+    dispatched: dict[str, Any] = {
         "status": "dispatched",
         "task_name": answer.task_name,
         "client_id": body.client_id,
         "session_id": answer.session_id,
+        "state": (SessionState.PENDING if answer.queue_position else SessionState.RUNNING).value,
     }
+    if answer.queue_position:
+        dispatched["queue_position"] = answer.queue_position
+    return dispatched
 
 
 @protected.get("/task_result/{task_name}", tags=["sessions"], response_model=AnyJson)

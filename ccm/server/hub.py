@@ -17,7 +17,7 @@ from typing import Any
 from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.domain import ClientType, DisconnectReason, Mode, Origin
-from ccm.errors import SessionError, StoreUnavailable
+from ccm.errors import QueueFull, SessionError, StoreUnavailable
 from ccm.metrics import Metrics
 from ccm.protocol import (
     CLOSE_GOING_AWAY,
@@ -259,9 +259,14 @@ class Hub:
                 session = await self.dispatch(device_id, request, task_name)
             except StoreUnavailable as exc:
                 return DispatchAnswer(503, error=str(exc))
+            except QueueFull as exc:
+                return DispatchAnswer(429, error=str(exc))
             except SessionError as exc:
                 return DispatchAnswer(409, error=str(exc))
-            return DispatchAnswer(200, session.session_id, session.task_name)
+            position = self.registry.queue_position(device_id, session.session_id)
+            return DispatchAnswer(
+                200, session.session_id, session.task_name, queue_position=position
+            )
         remote = await self.cluster.locate(device_id)
         if remote is None:
             return DispatchAnswer(404, error="Client not online")

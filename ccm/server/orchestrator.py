@@ -17,7 +17,7 @@ from typing import Any
 from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.domain import ClientType, DisconnectReason, Mode, SessionReason, SessionState
-from ccm.errors import NodeFenced, SessionError, StoreUnavailable
+from ccm.errors import NodeFenced, QueueFull, SessionError, StoreUnavailable
 from ccm.ids import new_id
 from ccm.logs import bind
 from ccm.metrics import Metrics
@@ -44,6 +44,13 @@ CONSTELLATION_GONE_ERROR = "Task was cancelled because the requesting constellat
 SHUTDOWN_ERROR = "the server is shutting down"
 UNCONFIRMED_ERROR = "the database did not confirm the session in time; try again"
 NODE_LOST_ERROR = "the requester's node was lost (its lease expired)"
+
+
+def _ack(session: LiveSession, queue_position: int) -> str:
+    """The ACK of a session; a queued one's carries its place (existing clients ignore it)."""
+    if queue_position:
+        return ok_frame(session.session_id, metadata={"queue_position": queue_position})
+    return ok_frame(session.session_id)
 
 
 class SessionOrchestrator:
@@ -78,25 +85,49 @@ class SessionOrchestrator:
 
     async def start(self, task: TaskRequest, *, wait: bool) -> LiveSession:
         """Create the session (queued for the database when this returns), then launch it once
-        it is committed: ACK to the requester, the task to the device or a runner.
+        it is committed: ACK to the requester, the task to the device or a runner. A device at
+        capacity gets it later: the session is pending, its ACK carries `metadata.
+        queue_position`, and it is handed out when it reaches the head of the device's queue.
 
-        With `wait`, return after the launch (HTTP dispatch answers with the running session);
-        without, the launch runs in a held task so the caller's receive loop goes on. Raises
-        SessionError or StoreUnavailable, after telling the requester, if it cannot start."""
+        With `wait`, return after the launch (HTTP dispatch answers with the running or pending
+        session); without, the launch runs in a held task so the caller's receive loop goes on.
+        Raises SessionError (QueueFull for a full queue) or StoreUnavailable, after telling the
+        requester, if it cannot start."""
         mode = Mode.AGENT if task.force_agent else execution_mode(self._registry, task.device_id)
         requester = task.requester
+        constellation_id = (
+            requester.client_id if requester is not None and requester.is_constellation else None
+        )
+        task_name = sanitize_task_name(task.task_name)
         try:
             session = self._sessions.create(
                 task.session_id,
                 task.device_id,
                 origin=task.origin,
                 mode=mode,
-                constellation_id=requester.client_id
-                if requester is not None and requester.is_constellation
-                else None,
-                task_name=sanitize_task_name(task.task_name),
+                constellation_id=constellation_id,
+                task_name=task_name,
                 request=task.request,
             )
+        except QueueFull as exc:
+            self._sessions.record_refused(
+                task.session_id,
+                task.device_id,
+                origin=task.origin,
+                mode=mode,
+                constellation_id=constellation_id,
+                task_name=task_name,
+                request=task.request,
+                reason=SessionReason.QUEUE_FULL,
+                error=str(exc),
+            )
+            self._metrics.count(self._metrics.sessions_ended, SessionState.FAILED.value)
+            refusal = self._refuse_when_recorded(requester, task.session_id, str(exc))
+            if wait:
+                await refusal
+            else:
+                await self._without_blocking(refusal)
+            raise
         except (SessionError, StoreUnavailable) as exc:
             if requester is not None:
                 refuse_task(requester, task.session_id, str(exc))
@@ -106,7 +137,7 @@ class SessionOrchestrator:
             # A requester on another node: its ACK travels in the same transaction as the
             # session's row, so it is delivered only if the row is committed.
             session.owner_node = task.requester_node
-            requester.send(ok_frame(session.session_id))
+            requester.send(_ack(session, session.queue_position))
             requester = None
         launch = self._launch(session, requester)
         if not wait:
@@ -129,9 +160,28 @@ class SessionOrchestrator:
             return False
         if self._sessions.get(session.session_id) is not session:
             return True  # ended meanwhile (its requester or device left): nothing to hand out
-        session.run.launched = True
         if requester is not None:
-            requester.send(ok_frame(session.session_id))
+            position = self._registry.queue_position(session.device_id, session.session_id)
+            requester.send(_ack(session, position))
+        session.run.confirmed = True
+        if session.state is SessionState.PENDING:
+            return True  # handed out when a slot frees (see _end)
+        await self._hand_out(session)
+        return True
+
+    async def _refuse_when_recorded(
+        self, requester: Requester | None, session_id: str | None, text: str
+    ) -> None:
+        """The refused session's row is committed (bounded wait), then the requester told."""
+        await self._durable()
+        if requester is not None:
+            refuse_task(requester, session_id, text)
+
+    async def _hand_out(self, session: LiveSession) -> None:
+        """The session runs now: the task to its device (relay) or to a runner (agent)."""
+        if self._sessions.get(session.session_id) is not session:
+            return  # ended while it waited for its turn
+        session.run.launched = True
         if session.mode is Mode.RELAY:
             handed = self._router.send(
                 session.device_id,
@@ -150,17 +200,16 @@ class SessionOrchestrator:
                     reason=SessionReason.DEVICE_DISCONNECTED,
                     error=DEVICE_GONE_ERROR,
                 )
-            return True
+            return
         runner = next((r for r in self._runners if r.accepts(session.request)), None)
         if runner is None:
             await self.finish(
                 session, SessionState.FAILED, reason=SessionReason.NO_RUNNER, error=NO_RUNNER_ERROR
             )
-            return True
+            return
         session.run.task = asyncio.create_task(
             self._run(session, runner), name=f"ccm-session-{session.id}"
         )
-        return True
 
     async def _run(self, session: LiveSession, runner: SessionRunner) -> None:
         bind(session_id=session.session_id, device_id=session.device_id)
@@ -248,6 +297,10 @@ class SessionOrchestrator:
         for answer in run.commands.values():
             if not answer.done():
                 answer.cancel()
+        for started in ended.started:
+            # A session still waiting for its own commit is handed out by its launch.
+            if started.run.confirmed:
+                self._hold(self._hand_out(started))
         return ended
 
     async def _announce(self, session: LiveSession, ended: EndedSession, *, wait: bool) -> None:

@@ -661,6 +661,7 @@ def test_dispatch_returns_the_session_that_runs(server: ServerThread) -> None:
                 "task_name": "weekly-cleanup",
                 "client_id": "dev-1",
                 "session_id": session_id,
+                "state": "running",
             }
             command = await device.recv()
             assert command["type"] == "command"
