@@ -142,10 +142,20 @@ async def select_device(
     platform: str | None = None,
     capabilities: Annotated[list[str] | None, Query()] = None,
     tags: Annotated[list[str] | None, Query()] = None,
+    explain: bool = False,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> Response:
-    """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated."""
+    """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated.
+    With `explain=true`, 200 even when nothing qualifies, and an `explain` object: this node's
+    devices passed over, counted per first reason with the first `limit` of each, and the
+    `limit` best qualifying devices with their scores."""
     caps = _split(capabilities)
     wanted_tags = _split(tags)
+    if explain:
+        answer = views.explain_selection(hub, platform, caps, wanted_tags, limit)
+        chosen = answer["device_id"]
+        answer["system_info"] = views.device_system_info(hub, chosen) if chosen else None
+        return JsonAnswer(answer)
     device_id = views.select_device(hub, platform, caps, wanted_tags)
     if device_id is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No connected device matches")

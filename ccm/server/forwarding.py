@@ -4,6 +4,8 @@ leaves and the constellation is told when that node dies."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ccm.cluster.messages import MessageKind, RequesterGonePayload, StartSessionPayload
 from ccm.domain import ClientType, Origin, SessionReason
 from ccm.ids import new_id
@@ -20,10 +22,13 @@ async def forward_task(
     peer: Peer,
     msg: ClientMessage,
     target: str,
+    *,
+    not_connected: Callable[[], str],
 ) -> None:
+    """`not_connected` builds the refusal for a target no node holds."""
     remote = await cluster.locate(target)
     if remote is None:
-        refuse_task(peer, msg.session_id, f"Target device '{target}' is not connected")
+        refuse_task(peer, msg.session_id, not_connected())
         return
     if remote.client_type is not ClientType.DEVICE:
         refuse_task(peer, msg.session_id, "Constellation tasks may only target device clients")

@@ -5,6 +5,7 @@ Every client carries the node that holds it (`node`: its run id, `node_name`).""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ccm.cluster.directory import RemoteClient
@@ -142,6 +143,39 @@ def select_device(
         index.add(client.client_id, ClientType.DEVICE, client.platform, client.system_info)
         order[client.client_id] = position
     return index.select(platform, capabilities, tags, epoch_of=lambda device_id: order[device_id])
+
+
+def explain_selection(
+    hub: Hub, platform: str | None, capabilities: list[str], tags: list[str], limit: int
+) -> dict[str, Any]:
+    """The choice of `select_device` with this node's reasons (other nodes' devices are
+    counted in the choice, not explained: their load lives on their nodes)."""
+    explained = hub.registry.explain_selection(platform, capabilities, tags, limit=limit)
+    return {
+        "device_id": select_device(hub, platform, capabilities, tags),
+        "explain": {
+            "qualifying": explained.qualifying,
+            "scores": [
+                {
+                    "device_id": score.device_id,
+                    "free_capacity": None if math.isinf(score.free) else int(score.free),
+                    "preferred_tags": score.tags,
+                }
+                for score in explained.scores
+            ],
+            "rejected": {
+                reason.value: {
+                    "count": count,
+                    "devices": [
+                        {"device_id": r.device_id}
+                        | ({"capability": r.capability} if r.capability else {})
+                        for r in explained.examples[reason]
+                    ],
+                }
+                for reason, count in explained.rejected.items()
+            },
+        },
+    }
 
 
 def device_system_info(hub: Hub, device_id: str) -> dict[str, Any] | None:

@@ -265,3 +265,57 @@ def test_a_device_declaring_its_capacity_is_not_believed_by_default(
         return server.registry.device_load(DEVICE)
 
     assert run(scenario()).capacity is None
+
+
+def test_explained_selection_says_why_each_device_was_passed_over(
+    server_factory: Factory, tmp_path: Path
+) -> None:
+    """GET /api/devices/select?explain=true answers the choice, each passed-over device under
+    its first reason (a busy one as at_capacity) and the qualifying devices' scores."""
+    server = busy_server(server_factory, tmp_path)
+
+    async def scenario() -> dict[str, Any]:
+        await device(server, DEVICE, relay=True)
+        await device(server, "lab-mac", platform="darwin")
+        await device(server, "lab-pc-08")
+        con = await constellation(server, "nightly@lab", DEVICE)
+        await send_task(con, DEVICE, "s1")
+        assert_ok_frame(await con.recv(), "s1")
+        with server.http() as http:
+            response = http.get(
+                "/api/devices/select",
+                params={"platform": "windows", "capabilities": "gui", "explain": "true"},
+            )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    body = run(scenario())
+    assert body["device_id"] == "lab-pc-08"
+    assert body["system_info"]["hostname"] == "LAB-PC-07"  # the scenario devices' system info
+    assert body["explain"]["rejected"] == {
+        "wrong_platform": {"count": 1, "devices": [{"device_id": "lab-mac"}]},
+        "at_capacity": {"count": 1, "devices": [{"device_id": DEVICE}]},
+    }
+    assert body["explain"]["scores"] == [
+        {"device_id": "lab-pc-08", "free_capacity": None, "preferred_tags": 0}
+    ]
+
+
+def test_a_task_for_an_unknown_device_names_the_live_devices(server_factory: Factory) -> None:
+    """An unscoped constellation's TASK for a device that is not connected is refused with the
+    live devices it may use instead."""
+    server = server_factory(**{"server.allow_unscoped_constellations": True})
+
+    async def scenario() -> None:
+        await device(server, "lab-pc-07")
+        await device(server, "lab-pc-08")
+        con = await constellation(server, "nightly@lab", None)
+        await send_task(con, "lab-pc-99", "s1")
+        await expect_refused_task(
+            con,
+            "s1",
+            "Target device 'lab-pc-99' is not connected; live devices: 'lab-pc-07', 'lab-pc-08'",
+        )
+
+    run(scenario())
