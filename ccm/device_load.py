@@ -121,6 +121,12 @@ class DeviceLoads:
             return None
         return LoadCounts(load.capacity, len(load.running), len(load.queued))
 
+    def all_counts(self) -> dict[str, LoadCounts]:
+        return {
+            device_id: LoadCounts(load.capacity, len(load.running), len(load.queued))
+            for device_id, load in self._loads.items()
+        }
+
     def queue_position(self, device_id: str, session_id: str) -> int:
         """Where a pending session stands in its device's queue (1 is next); 0 if not queued."""
         load = self._loads.get(device_id)

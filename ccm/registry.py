@@ -306,6 +306,11 @@ class ClientConnectionManager:
         with self.lock:
             return self._loads.counts(device_id)
 
+    def device_loads(self) -> dict[str, LoadCounts]:
+        """Every live device's capacity and running and queued sessions, in registration order."""
+        with self.lock:
+            return self._loads.all_counts()
+
     def queue_position(self, device_id: str, session_id: str) -> int:
         with self.lock:
             return self._loads.queue_position(device_id, session_id)

@@ -71,6 +71,8 @@ def clients(hub: Hub) -> list[dict[str, Any]]:
 
 
 def devices(hub: Hub) -> dict[str, Any]:
+    """Ids, counts by platform and, for this node's devices, their load (`capacity` null:
+    unlimited): other nodes' devices are listed, their load lives on their nodes."""
     stats = hub.registry.get_stats()
     ids: list[str] = list(stats["devices"]["ids"])
     platforms: dict[str, int] = dict(stats["devices"]["platforms"])
@@ -80,7 +82,11 @@ def devices(hub: Hub) -> dict[str, Any]:
             ids.append(remote.client_id)
             key = (remote.platform or "").lower()
             platforms[key] = platforms.get(key, 0) + 1
-    return {"devices": ids, "count": len(ids), "by_platform": platforms}
+    load = {
+        device_id: {"running": counts.running, "queued": counts.queued, "capacity": counts.capacity}
+        for device_id, counts in hub.registry.device_loads().items()
+    }
+    return {"devices": ids, "count": len(ids), "by_platform": platforms, "load": load}
 
 
 def device(hub: Hub, device_id: str) -> dict[str, Any] | None:
@@ -94,6 +100,7 @@ def device(hub: Hub, device_id: str) -> dict[str, Any] | None:
             "platform": info.platform if info else None,
             "connected_at": info.connected_at.isoformat() if info else None,
             "sessions": registry.get_device_sessions(device_id),
+            "load": _load(hub, device_id),
             "system_info": registry.get_device_system_info(device_id),
             "node": node,
             "node_name": name,
@@ -106,10 +113,18 @@ def device(hub: Hub, device_id: str) -> dict[str, Any] | None:
         "platform": remote.platform,
         "connected_at": remote.connected_at.isoformat(),
         "sessions": None,
+        "load": None,
         "system_info": remote.system_info,
         "node": remote.run_id,
         "node_name": _node_name(hub, remote.run_id),
     }
+
+
+def _load(hub: Hub, device_id: str) -> dict[str, Any] | None:
+    counts = hub.registry.device_load(device_id)
+    if counts is None:
+        return None
+    return {"running": counts.running, "queued": counts.queued, "capacity": counts.capacity}
 
 
 def select_device(

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.server.scenario import (
     assert_ok_frame,
     assert_quiet,
@@ -29,6 +31,15 @@ def busy_server(server_factory: Factory, tmp_path: Path, **overrides: Any) -> Se
     config = tmp_path / "devices.yaml"
     config.write_text(f"devices:\n  {DEVICE}:\n    max_concurrent_tasks: 1\n")
     return server_factory(device_config=str(config), **overrides)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape's samples as {(name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def queued_ack(message: dict[str, Any], session_id: str) -> int:
@@ -319,3 +330,38 @@ def test_a_task_for_an_unknown_device_names_the_live_devices(server_factory: Fac
         )
 
     run(scenario())
+
+
+def test_running_and_queued_counts_are_visible_in_the_api_metrics_and_dashboard(
+    server_factory: Factory, tmp_path: Path
+) -> None:
+    """With one session running and one queued on a device of capacity 1, /api/devices,
+    /api/devices/{id}, /metrics and the dashboard snapshot all say so."""
+    server = busy_server(server_factory, tmp_path)
+
+    async def scenario() -> dict[str, Any]:
+        await device(server, DEVICE, relay=True)
+        con = await constellation(server, "nightly@lab", DEVICE)
+        await send_task(con, DEVICE, "s1")
+        assert_ok_frame(await con.recv(), "s1")
+        await send_task(con, DEVICE, "s2")
+        assert queued_ack(await con.recv(), "s2") == 1
+        with server.http() as http:
+            return {
+                "devices": http.get("/api/devices").json(),
+                "device": http.get(f"/api/devices/{DEVICE}").json(),
+                "metrics": samples(http.get("/metrics").text),
+                "snapshot": http.get("/api/dashboard/snapshot").json(),
+            }
+
+    seen = run(scenario())
+    load = {"running": 1, "queued": 1, "capacity": 1}
+    assert seen["devices"]["load"] == {DEVICE: load}
+    assert seen["device"]["load"] == load
+    metrics = seen["metrics"]
+    assert metrics[("ccm_device_sessions", (("device_id", DEVICE), ("state", "running")))] == 1
+    assert metrics[("ccm_device_sessions", (("device_id", DEVICE), ("state", "queued")))] == 1
+    assert metrics[("ccm_queued_sessions", ())] == 1
+    assert metrics[("ccm_devices_at_capacity", ())] == 1
+    (listed,) = seen["snapshot"]["devices"]
+    assert (listed["running"], listed["queued"], listed["capacity"]) == (1, 1, 1)

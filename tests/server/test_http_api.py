@@ -240,10 +240,12 @@ def test_devices_lists_ids_count_and_platforms(server: ServerThread) -> None:
             return (await http.get("/api/devices")).json()
 
     body = run(scenario())
+    idle = {"running": 0, "queued": 0, "capacity": None}
     assert body == {
         "devices": ["dev-w", "dev-l1", "dev-l2"],
         "count": 3,
         "by_platform": {"windows": 1, "linux": 2},
+        "load": {"dev-w": idle, "dev-l1": idle, "dev-l2": idle},
     }
 
 
