@@ -12,20 +12,20 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccm.client_info import ClientInfo, next_epoch
 from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
-from ccm.device_index import DeviceIndex, Explanation
+from ccm.device_index import DeviceIndex
 from ccm.device_load import CapacityPolicy, DeviceLoads, LoadCounts
 from ccm.devices import DeviceConfigs, merge_device_info
 from ccm.domain import ClientType, DisconnectReason
 from ccm.errors import DuplicateClientError
 from ccm.ids import new_id
+from ccm.registry_queries import RegistryQueries
 from ccm.session_map import SessionMap
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ __all__ = ["ClientConnectionManager", "ClientInfo", "ClientType"]
 logger = logging.getLogger(__name__)
 
 
-class ClientConnectionManager:
+class ClientConnectionManager(RegistryQueries):
     """Thread-safe registry of live clients and session mappings, optionally backed by a Store."""
 
     def __init__(
@@ -341,20 +341,13 @@ class ClientConnectionManager:
         """
         self._device_configs.reload()
         changed: list[ClientInfo] = []
-        with self.lock:
-            devices = list(self._index.by_type[ClientType.DEVICE])
-        capacities = {
-            device_id: self._loads.policy.capacity(
-                self._device_configs.get(device_id), info.metadata
-            )
-            for device_id in devices
-            if (info := self.get_client_info(device_id)) is not None
-        }
-        with self.lock:
+        with self.lock:  # DeviceConfigs has a lock of its own, never held while taking this one
             for device_id in list(self._index.by_type[ClientType.DEVICE]):
                 info = self.online_clients[device_id]
-                if device_id in capacities:
-                    self._loads.set_capacity(device_id, capacities[device_id])
+                config = self._device_configs.get(device_id)
+                self._loads.set_capacity(
+                    device_id, self._loads.policy.capacity(config, info.metadata)
+                )
                 merged = self._system_info_for(device_id, info.reported_system_info)
                 if merged != info.system_info:
                     self._index.replace_system_info(device_id, info.system_info, merged)
@@ -377,92 +370,3 @@ class ClientConnectionManager:
             logger.info("merged server config for device client_id=%s", device_id)
             return merge_device_info(reported, server_config)
         return reported  # the registry's own copy; it is replaced, never changed in place
-
-    # -- statistics and queries -------------------------------------------------------------
-
-    def get_stats(self) -> dict[str, Any]:
-        """UFO's counts (`total`, `device_clients`, `constellation_clients`), plus per-type id
-        lists and platform counts (the shape UFO's API router reads), plus sessions."""
-        with self.lock:
-            devices = list(self._index.by_type[ClientType.DEVICE])
-            constellations = list(self._index.by_type[ClientType.CONSTELLATION])
-            platforms = self._index.platform_counts()
-            active_sessions = len(self._sessions)
-        return {
-            "total": len(devices) + len(constellations),
-            "device_clients": len(devices),
-            "constellation_clients": len(constellations),
-            "devices": {"ids": devices, "count": len(devices), "platforms": platforms},
-            "constellations": {"ids": constellations, "count": len(constellations)},
-            "active_sessions": active_sessions,
-        }
-
-    def get_devices_by_platform(self, platform: str) -> list[str]:
-        """Device ids whose platform matches, ignoring case."""
-        with self.lock:
-            return list(self._index.by_platform.get(platform.lower(), ()))
-
-    def get_recently_connected(self, minutes: float = 5) -> list[str]:
-        """Ids of clients that registered in the last `minutes`, oldest first."""
-        cutoff = self._clock() - timedelta(minutes=minutes)
-        recent: list[str] = []
-        with self.lock:
-            # online_clients is in registration order, so walk back from the newest.
-            for client_id in reversed(self.online_clients):
-                if self.online_clients[client_id].connected_at < cutoff:
-                    break
-                recent.append(client_id)
-        recent.reverse()
-        return recent
-
-    def find_devices_with_capability(self, capability: str) -> list[str]:
-        with self.lock:
-            return list(self._index.by_feature.get(capability, ()))
-
-    def find_devices_with_tag(self, tag: str) -> list[str]:
-        with self.lock:
-            return list(self._index.by_tag.get(tag, ()))
-
-    def select_optimal_device(
-        self,
-        required_platform: str | None = None,
-        required_capabilities: Iterable[str] | None = None,
-        preferred_tags: Iterable[str] | None = None,
-    ) -> str | None:
-        """Among the live devices that have the platform and every capability and room for one
-        more session: the one with the most free capacity, then the most preferred tags, then
-        the earliest registered. None if no device qualifies.
-
-        A device without system info has no capabilities, so it never satisfies a capability
-        requirement (UFO's sketch of this method let such devices through).
-        """
-        with self.lock:
-            return self._index.select(
-                required_platform,
-                list(dict.fromkeys(required_capabilities or ())),
-                list(dict.fromkeys(preferred_tags or ())),
-                epoch_of=lambda device_id: self.online_clients[device_id].epoch,
-            )
-
-    def explain_selection(
-        self,
-        required_platform: str | None = None,
-        required_capabilities: Iterable[str] | None = None,
-        preferred_tags: Iterable[str] | None = None,
-        *,
-        limit: int = 10,
-    ) -> Explanation:
-        """What `select_optimal_device` chooses and why: each device passed over with its first
-        reason (configured devices not connected count as offline), each qualifying device's
-        score; at most `limit` devices per reason and `limit` scores."""
-        configured = self._device_configs.ids()
-        with self.lock:
-            offline = [d for d in configured if d not in self.online_clients]
-            return self._index.explain(
-                required_platform,
-                list(dict.fromkeys(required_capabilities or ())),
-                list(dict.fromkeys(preferred_tags or ())),
-                epoch_of=lambda device_id: self.online_clients[device_id].epoch,
-                offline=offline,
-                limit=limit,
-            )

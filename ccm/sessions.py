@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ccm.clock import Clock, utcnow
 from ccm.domain import FINISHED_STATES, Mode, Origin, SessionReason, SessionState
-from ccm.errors import SessionError
+from ccm.errors import QueueFull, SessionError
 from ccm.ids import new_id
 from ccm.registry import ClientConnectionManager
 
@@ -155,7 +155,11 @@ class SessionManager:
                     raise SessionError(f"session_id '{session_id}' is owned by another client")
                 raise SessionError(f"session_id '{session_id}' is already running")
             if track_for_device:
-                position = self._registry.admit_session(device_id, session_id)  # or QueueFull
+                try:
+                    position = self._registry.admit_session(device_id, session_id)
+                except QueueFull as exc:
+                    self._record_refused(session, str(exc))
+                    raise
                 if position:
                     session.state, session.started_at = SessionState.PENDING, None
                     session.queue_position = position
@@ -188,40 +192,30 @@ class SessionManager:
         )
         return session
 
-    def record_refused(
-        self,
-        session_id: str | None,
-        device_id: str,
-        *,
-        origin: Origin,
-        mode: Mode,
-        constellation_id: str | None,
-        task_name: str | None,
-        request: str | None,
-        reason: SessionReason,
-        error: str,
-    ) -> None:
-        """A session refused before it was live (its device's queue was full): one failed row,
-        so the history shows what was asked and why it did not run."""
-        if self._store is None:
-            return
-        now = self._clock()
-        run_id = new_id()
-        self._store.record_session_created(
-            id=run_id,
-            session_id=session_id or new_id(),
-            task_name=task_name,
-            request=request,
-            origin=origin,
-            constellation_id=constellation_id,
-            device_id=device_id,
-            mode=mode,
-            state=SessionState.PENDING,
-            at=now,
-        )
-        self._store.record_session_ended(
-            id=run_id, state=SessionState.FAILED, reason=reason, result=None, error=error, at=now
-        )
+    def _record_refused(self, session: LiveSession, error: str) -> None:
+        """A session refused for a full queue: one failed row (`queue_full`), so the history
+        shows what was asked and why it did not run."""
+        if self._store is not None:
+            self._store.record_session_created(
+                id=session.id,
+                session_id=session.session_id,
+                task_name=session.task_name,
+                request=session.request,
+                origin=session.origin,
+                constellation_id=session.constellation_id,
+                device_id=session.device_id,
+                mode=session.mode,
+                state=SessionState.PENDING,
+                at=session.created_at or self._clock(),
+            )
+            self._store.record_session_ended(
+                id=session.id,
+                state=SessionState.FAILED,
+                reason=SessionReason.QUEUE_FULL,
+                result=None,
+                error=error,
+                at=session.created_at or self._clock(),
+            )
 
     def get(self, session_id: str) -> LiveSession | None:
         with self._lock:

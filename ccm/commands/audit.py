@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ccm.audit import read_session_story
+from ccm.audit import read_device_loads, read_session_story
 from ccm.clock import utcnow
 from ccm.commands.options import ConfigOpt, JsonOpt, UrlOpt, WideOpt, load, opened, when
 from ccm.commands.output import print_json, say, span, table, time_text
@@ -22,7 +22,6 @@ from ccm.store.repository import (
     ConnectionRow,
     SessionRow,
     read_connection_history,
-    read_device_loads,
     read_online_clients,
     read_sessions,
 )

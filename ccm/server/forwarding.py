@@ -4,8 +4,6 @@ leaves and the constellation is told when that node dies."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ccm.cluster.messages import MessageKind, RequesterGonePayload, StartSessionPayload
 from ccm.domain import ClientType, Origin, SessionReason
 from ccm.ids import new_id
@@ -13,6 +11,7 @@ from ccm.protocol import ClientMessage
 from ccm.registry import ClientConnectionManager
 from ccm.server.cluster_link import ClusterLink
 from ccm.server.peer import Peer
+from ccm.server.policy import Scope, not_connected
 from ccm.server.tasks import refuse_task
 
 
@@ -22,13 +21,12 @@ async def forward_task(
     peer: Peer,
     msg: ClientMessage,
     target: str,
-    *,
-    not_connected: Callable[[], str],
+    scope: Scope,
 ) -> None:
-    """`not_connected` builds the refusal for a target no node holds."""
     remote = await cluster.locate(target)
     if remote is None:
-        refuse_task(peer, msg.session_id, not_connected())
+        refusal = not_connected(peer, target, scope, registry, cluster.directory)
+        refuse_task(peer, msg.session_id, refusal)
         return
     if remote.client_type is not ClientType.DEVICE:
         refuse_task(peer, msg.session_id, "Constellation tasks may only target device clients")

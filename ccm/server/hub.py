@@ -37,7 +37,7 @@ from ccm.server.flapping import Ban, FlapGuard
 from ccm.server.forwarding import forward_task, tell_requester_gone
 from ccm.server.orchestrator import SessionOrchestrator
 from ccm.server.peer import Peer
-from ccm.server.policy import Scope, identity_mismatch
+from ccm.server.policy import Scope, identity_mismatch, not_connected
 from ccm.server.registration import Registrar, RegistrationRefused
 from ccm.server.router import Router
 from ccm.server.runners import SessionRunner
@@ -47,8 +47,6 @@ from ccm.store import Store
 
 logger = logging.getLogger(__name__)
 
-LIVE_DEVICES_NAMED = 10
-"""How many live devices a refusal for an unknown device names at most."""
 _ELSEWHERE = "elsewhere"
 """_target_problem: the device is not here, ask the cluster."""
 
@@ -194,14 +192,7 @@ class Hub:
             target = msg.target_id
             problem = self._target_problem(peer, target)
             if problem == _ELSEWHERE and self.cluster is not None and target is not None:
-                await forward_task(
-                    self.cluster,
-                    self.registry,
-                    peer,
-                    msg,
-                    target,
-                    not_connected=lambda: self._not_connected(peer, target),
-                )
+                await forward_task(self.cluster, self.registry, peer, msg, target, self._scope)
                 return
             if problem is not None:
                 refuse_task(peer, msg.session_id, problem)
@@ -243,34 +234,8 @@ class Hub:
                 return "Constellation tasks may only target device clients"
             if self.cluster is not None:
                 return _ELSEWHERE
-            return self._not_connected(peer, target)
+            return not_connected(peer, target, self._scope, self.registry, None)
         return None
-
-    def _not_connected(self, peer: Peer, target: str) -> str:
-        """The refusal for a TASK to a device that is not connected, naming the live devices
-        the constellation may use instead (at most LIVE_DEVICES_NAMED of them)."""
-        text = f"Target device '{target}' is not connected"
-        if peer.target_id is not None:
-            return f"{text}; it is the only device this constellation may use (its target_id)"
-        usable = [
-            device_id
-            for device_id in self.registry.list_clients(ClientType.DEVICE)
-            if self._scope.may_use_device(peer, device_id)
-        ]
-        if self.cluster is not None:
-            local = set(usable)
-            usable += [
-                c.client_id
-                for c in self.cluster.directory.clients()
-                if c.client_type is ClientType.DEVICE
-                and c.client_id not in local
-                and self._scope.may_use_device(peer, c.client_id)
-            ]
-        if not usable:
-            return f"{text}; no device is connected"
-        named = ", ".join(f"'{d}'" for d in usable[:LIVE_DEVICES_NAMED])
-        more = len(usable) - LIVE_DEVICES_NAMED
-        return f"{text}; live devices: {named}" + (f" and {more} more" if more > 0 else "")
 
     async def dispatch(self, device_id: str, request: str, task_name: str | None) -> LiveSession:
         """HTTP dispatch: start a session on a device and return it once it is launched.
@@ -299,9 +264,7 @@ class Hub:
             except SessionError as exc:
                 return DispatchAnswer(409, error=str(exc))
             position = self.registry.queue_position(device_id, session.session_id)
-            return DispatchAnswer(
-                200, session.session_id, session.task_name, queue_position=position
-            )
+            return DispatchAnswer(200, session.session_id, session.task_name, None, position)
         remote = await self.cluster.locate(device_id)
         if remote is None:
             return DispatchAnswer(404, error="Client not online")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from typing import Any
 
 from ccm.clock import utcnow
@@ -24,16 +23,16 @@ from ccm.metrics import Metrics
 from ccm.protocol import (
     ServerMessageType,
     TaskStatus,
-    ok_frame,
     sanitize_task_name,
     server_frame,
     task_end_frame,
 )
 from ccm.registry import ClientConnectionManager
 from ccm.server.channel import SessionChannel
+from ccm.server.commits import CommitWaits
 from ccm.server.router import Router
 from ccm.server.runners import NO_RUNNER_ERROR, SessionRunner
-from ccm.server.tasks import Requester, TaskRequest, execution_mode, refuse_task
+from ccm.server.tasks import Requester, TaskRequest, ack_frame, execution_mode, refuse_task
 from ccm.sessions import EndedSession, LiveSession, SessionManager
 from ccm.store import Store
 
@@ -44,13 +43,6 @@ CONSTELLATION_GONE_ERROR = "Task was cancelled because the requesting constellat
 SHUTDOWN_ERROR = "the server is shutting down"
 UNCONFIRMED_ERROR = "the database did not confirm the session in time; try again"
 NODE_LOST_ERROR = "the requester's node was lost (its lease expired)"
-
-
-def _ack(session: LiveSession, queue_position: int) -> str:
-    """The ACK of a session; a queued one's carries its place (existing clients ignore it)."""
-    if queue_position:
-        return ok_frame(session.session_id, metadata={"queue_position": queue_position})
-    return ok_frame(session.session_id)
 
 
 class SessionOrchestrator:
@@ -76,10 +68,7 @@ class SessionOrchestrator:
         self._command_timeout = settings.server.command_timeout.total_seconds()
         self._max_frame_bytes = settings.server.max_frame_bytes
         self.ack_timeout = max(1.0, settings.server.send_timeout.total_seconds())
-        self._held: set[asyncio.Task[None]] = set()
-        """Work waiting for a commit off the receive loops: session launches (ACK, then the
-        TASK to the device), TASK_END announcements, and `completed` TASK_ENDs held while the
-        database is away (see _announce)."""
+        self._commits = CommitWaits(store, self.ack_timeout)
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -109,24 +98,13 @@ class SessionOrchestrator:
                 task_name=task_name,
                 request=task.request,
             )
-        except QueueFull as exc:
-            self._sessions.record_refused(
-                task.session_id,
-                task.device_id,
-                origin=task.origin,
-                mode=mode,
-                constellation_id=constellation_id,
-                task_name=task_name,
-                request=task.request,
-                reason=SessionReason.QUEUE_FULL,
-                error=str(exc),
-            )
+        except QueueFull as exc:  # SessionManager recorded it as failed (queue_full)
             self._metrics.count(self._metrics.sessions_ended, SessionState.FAILED.value)
             refusal = self._refuse_when_recorded(requester, task.session_id, str(exc))
             if wait:
                 await refusal
             else:
-                await self._without_blocking(refusal)
+                await self._commits.without_blocking(refusal)
             raise
         except (SessionError, StoreUnavailable) as exc:
             if requester is not None:
@@ -137,11 +115,11 @@ class SessionOrchestrator:
             # A requester on another node: its ACK travels in the same transaction as the
             # session's row, so it is delivered only if the row is committed.
             session.owner_node = task.requester_node
-            requester.send(_ack(session, session.queue_position))
+            requester.send(ack_frame(session.session_id, session.queue_position))
             requester = None
         launch = self._launch(session, requester)
         if not wait:
-            await self._without_blocking(launch)
+            await self._commits.without_blocking(launch)
         elif not await launch:
             raise StoreUnavailable(UNCONFIRMED_ERROR)
         return session
@@ -149,7 +127,7 @@ class SessionOrchestrator:
     async def _launch(self, session: LiveSession, requester: Requester | None) -> bool:
         """Once the session is committed: ACK the requester, then hand the task to the device
         (relay) or to a runner. False if the database did not confirm (the session failed)."""
-        if not await self._durable():
+        if not await self._commits.durable():
             await self.finish(
                 session,
                 SessionState.FAILED,
@@ -162,7 +140,7 @@ class SessionOrchestrator:
             return True  # ended meanwhile (its requester or device left): nothing to hand out
         if requester is not None:
             position = self._registry.queue_position(session.device_id, session.session_id)
-            requester.send(_ack(session, position))
+            requester.send(ack_frame(session.session_id, position))
         session.run.confirmed = True
         if session.state is SessionState.PENDING:
             return True  # handed out when a slot frees (see _end)
@@ -173,7 +151,7 @@ class SessionOrchestrator:
         self, requester: Requester | None, session_id: str | None, text: str
     ) -> None:
         """The refused session's row is committed (bounded wait), then the requester told."""
-        await self._durable()
+        await self._commits.durable()
         if requester is not None:
             refuse_task(requester, session_id, text)
 
@@ -249,7 +227,7 @@ class SessionOrchestrator:
             error=error,
         )
         if ended is not None:
-            await self._without_blocking(self._announce(session, ended, wait=True))
+            await self._commits.without_blocking(self._announce(session, ended, wait=True))
 
     async def finish(
         self,
@@ -300,7 +278,7 @@ class SessionOrchestrator:
         for started in ended.started:
             # A session still waiting for its own commit is handed out by its launch.
             if started.run.confirmed:
-                self._hold(self._hand_out(started))
+                self._commits.hold(self._hand_out(started))
         return ended
 
     async def _announce(self, session: LiveSession, ended: EndedSession, *, wait: bool) -> None:
@@ -322,14 +300,14 @@ class SessionOrchestrator:
             recipients.append(session.owner_id)
         if session.device_id != session.owner_id and session.run.launched:
             recipients.append(session.device_id)
-        durable = await self._durable() if wait and recipients else False
+        durable = await self._commits.durable() if wait and recipients else False
         if durable or not completed:
             self._router.send_all(recipients, frame)
         else:
             # The database is away. A client told `completed` relies on the result, so that
             # TASK_END waits until the state is committed (a crash before then must not leave
             # SQL saying otherwise); the connection meanwhile goes on serving other frames.
-            self._hold(self._send_when_durable(recipients, frame))
+            self._commits.hold(self._send_when_durable(recipients, frame))
         if session.mode is Mode.RELAY and session.started_at is not None:
             self._metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
 
@@ -397,47 +375,8 @@ class SessionOrchestrator:
         acknowledgements and TASK_ENDs get up to the ACK timeout to go out."""
         for session in self._sessions.live_sessions():
             await self.finish(session, state, reason=reason, error=error)
-        if self._held:
-            await asyncio.wait(list(self._held), timeout=self.ack_timeout)
+        await self._commits.drain()
 
     async def cancel_held(self) -> None:
         """Cancel what still waits for a commit (its clients are gone; the states stay queued)."""
-        for held in list(self._held):
-            held.cancel()
-        await asyncio.gather(*self._held, return_exceptions=True)
-
-    # -- commits --------------------------------------------------------------------------------
-
-    async def _without_blocking(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run `work` so that the calling receive loop need not wait for it. With a store, the
-        waits inside are for group commits: a receive loop that awaited each one would put every
-        session of its connection into a commit of its own, one after the other. Without a store
-        nothing inside waits, so it runs here (no task to pay for)."""
-        if self._store is None:
-            await work
-            return
-        self._hold(work)
-
-    def _hold(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run `work` in a task kept in `_held` until it ends (shutdown waits for these)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._held.add(task)
-        task.add_done_callback(self._held.discard)
-
-    async def _durable(self) -> bool:
-        """Wait (bounded) until queued writes are committed. False if the store did not confirm,
-        at once while the database is known to be away (no connection stalls on it)."""
-        store = self._store
-        if store is None:
-            return True
-        if store.writer.degraded:
-            return False
-        try:
-            async with asyncio.timeout(self.ack_timeout):  # no extra task, unlike wait_for
-                await store.writer.durable()
-        except TimeoutError:
-            logger.error("store did not confirm writes within %.1f s", self.ack_timeout)
-            return False
-        except NodeFenced:
-            return False
-        return True
+        await self._commits.cancel()

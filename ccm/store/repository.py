@@ -331,21 +331,6 @@ def read_online_clients(engine: Engine) -> list[ClientRow]:
     return [ClientRow(*row) for row in rows]
 
 
-def read_device_loads(engine: Engine) -> dict[str, dict[str, int]]:
-    """Running and queued (pending) sessions per device, as recorded in SQL."""
-    states = {SessionState.RUNNING.value: "running", SessionState.PENDING.value: "queued"}
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(sessions.c.device_id, sessions.c.state, func.count())
-            .where(sessions.c.state.in_(list(states)))
-            .group_by(sessions.c.device_id, sessions.c.state)
-        ).all()
-    loads: dict[str, dict[str, int]] = {}
-    for device_id, state, count in rows:
-        loads.setdefault(device_id, {"running": 0, "queued": 0})[states[state]] = count
-    return loads
-
-
 def read_connection_history(
     engine: Engine,
     client_id: str,
