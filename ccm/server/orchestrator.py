@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from ccm.clock import utcnow
@@ -43,6 +44,13 @@ CONSTELLATION_GONE_ERROR = "Task was cancelled because the requesting constellat
 SHUTDOWN_ERROR = "the server is shutting down"
 UNCONFIRMED_ERROR = "the database did not confirm the session in time; try again"
 NODE_LOST_ERROR = "the requester's node was lost (its lease expired)"
+
+
+def _waiting_first(sessions: Iterable[LiveSession | None]) -> list[LiveSession]:
+    """Sessions to end together, pending ones first: a slot that ending a running one frees
+    must not start a session that is about to end too."""
+    live = [session for session in sessions if session is not None]
+    return sorted(live, key=lambda session: session.state is not SessionState.PENDING)
 
 
 class SessionOrchestrator:
@@ -345,10 +353,8 @@ class SessionOrchestrator:
                 reason = SessionReason.FRAME_TOO_LARGE
         if node_lost:
             reason, error = SessionReason.NODE_LOST, NODE_LOST_ERROR
-        for session_id in ids:
-            session = self._sessions.get(session_id)
-            if session is not None:
-                await self.finish(session, state, reason=reason, error=error)
+        for session in _waiting_first(self._sessions.get(session_id) for session_id in ids):
+            await self.finish(session, state, reason=reason, error=error)
         if client_type is ClientType.CONSTELLATION:
             self._registry.remove_constellation_sessions(client_id)
         else:
@@ -373,7 +379,7 @@ class SessionOrchestrator:
     ) -> None:
         """Server stopping (or fenced): every live session ends (owners told), and the held
         acknowledgements and TASK_ENDs get up to the ACK timeout to go out."""
-        for session in self._sessions.live_sessions():
+        for session in _waiting_first(self._sessions.live_sessions()):
             await self.finish(session, state, reason=reason, error=error)
         await self._commits.drain()
 

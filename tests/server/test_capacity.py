@@ -158,6 +158,29 @@ def test_a_queued_session_is_cancelled_when_its_requester_disconnects(
     assert cancelled.started_at is None
 
 
+def test_a_requester_that_leaves_never_starts_its_own_waiting_session(
+    server_factory: Factory, tmp_path: Path
+) -> None:
+    """A constellation with one session running and one waiting leaves: both are cancelled,
+    and the waiting one is never started in the slot the running one freed."""
+    server = busy_server(server_factory, tmp_path)
+
+    async def scenario() -> None:
+        dev = await device(server, DEVICE, relay=True)
+        con = await constellation(server, "nightly@lab", DEVICE)
+        await send_task(con, DEVICE, "s1")
+        assert_ok_frame(await con.recv(), "s1")
+        await send_task(con, DEVICE, "s2")
+        assert queued_ack(await con.recv(), "s2") == 1
+        await con.close()
+        await expect_task_end(dev, "s1", "failed")
+        await assert_quiet(dev)
+
+    run(scenario())
+    waiting = one_session(server, "s2")
+    assert (waiting.state, waiting.started_at) == ("cancelled", None)
+
+
 def test_queued_sessions_fail_when_their_device_disconnects(
     server_factory: Factory, tmp_path: Path
 ) -> None:
