@@ -158,7 +158,10 @@ async def select_device(
         return JsonAnswer(answer)
     device_id = views.select_device(hub, platform, caps, wanted_tags)
     if device_id is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No connected device matches")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            "No connected device matches with room for a session; add explain=true to see why",
+        )
     return JsonAnswer(
         {"device_id": device_id, "system_info": views.device_system_info(hub, device_id)}
     )

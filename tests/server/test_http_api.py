@@ -352,7 +352,10 @@ class TestSelectDevice:
         """No device with the platform and every capability: 404 with a detail."""
         response = self.select(server, params)
         assert response.status_code == 404
-        assert response.json() == {"detail": "No connected device matches"}
+        assert response.json() == {
+            "detail": "No connected device matches with room for a session; add explain=true "
+            "to see why"
+        }
 
 
 def test_reload_config_re_merges_live_devices(
