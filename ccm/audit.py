@@ -1,4 +1,4 @@
-"""Audit reports from the SQL history: one session's whole story.
+"""Audit reports from the SQL history: one session's whole story, and the load of each device.
 
 Used by `ccm audit session` and the dashboard's session panel, so both tell the same story.
 """
@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, func, or_, select
 
+from ccm.domain import SessionState
 from ccm.store.models import connections, sessions
 from ccm.store.repository import ConnectionRow, SessionRow
 
@@ -92,3 +93,18 @@ def read_session_story(engine: Engine, ident: str) -> SessionStory | None:
         device_connection=_connection_at(engine, chosen.device_id, chosen.created_at),
         requester_connection=_connection_at(engine, chosen.constellation_id, chosen.created_at),
     )
+
+
+def read_device_loads(engine: Engine) -> dict[str, dict[str, int]]:
+    """Running and queued (pending) sessions per device, as recorded in SQL."""
+    states = {SessionState.RUNNING.value: "running", SessionState.PENDING.value: "queued"}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(sessions.c.device_id, sessions.c.state, func.count())
+            .where(sessions.c.state.in_(list(states)))
+            .group_by(sessions.c.device_id, sessions.c.state)
+        ).all()
+    loads: dict[str, dict[str, int]] = {}
+    for device_id, state, count in rows:
+        loads.setdefault(device_id, {"running": 0, "queued": 0})[states[state]] = count
+    return loads

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ccm.choices import DocsMode, DuplicatePolicy, LogFormat, LogLevel, SqliteSynchronous
 from ccm.durations import DURATION_EXAMPLES, Duration, parse_duration
 from ccm.errors import ConfigError
 from ccm.settings_report import (
@@ -32,47 +32,22 @@ from ccm.settings_report import (
 from ccm.yamlfile import KeyPath, dotted, read_text, read_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/ccm.yaml")
-__all__ = ["DURATION_EXAMPLES", "Duration", "Settings", "load_settings", "parse_duration"]
+__all__ = [
+    "DURATION_EXAMPLES",
+    "DocsMode",
+    "DuplicatePolicy",
+    "Duration",
+    "LogFormat",
+    "LogLevel",
+    "Settings",
+    "SqliteSynchronous",
+    "load_settings",
+    "parse_duration",
+]
 
 
 def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
-
-
-class DuplicatePolicy(StrEnum):
-    REJECT = "reject"
-    TAKEOVER = "takeover"
-
-
-class SqliteSynchronous(StrEnum):
-    OFF = "OFF"
-    NORMAL = "NORMAL"
-    FULL = "FULL"
-    EXTRA = "EXTRA"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
-
-
-class LogFormat(StrEnum):
-    TEXT = "text"
-    JSON = "json"
-
-
-class DocsMode(StrEnum):
-    """Who may read the OpenAPI description of the HTTP API."""
-
-    KEY = "key"
-    """`/openapi.json` needs `X-API-Key` like every route; no `/docs` or `/redoc` pages (a
-    browser cannot send the header to them)."""
-    PUBLIC = "public"
-    """`/openapi.json`, `/docs` and `/redoc` without a key: for a development machine."""
-    OFF = "off"
-    """None of them."""
 
 
 class _Section(BaseModel):
@@ -208,6 +183,20 @@ class ClusterSettings(_Section):
     it renews every third of it."""
 
 
+class DispatchSettings(_Section):
+    """How many sessions a device runs at once, and how many wait for it (README, "How tasks
+    run"). A device's `max_concurrent_tasks` in the device config comes first."""
+
+    default_max_concurrent_tasks: int | None = Field(default=None, ge=1)
+    """Capacity of a device with none configured (and none accepted from its registration);
+    None: unlimited."""
+    capacity_from_registration: bool = False
+    """Accept `max_concurrent_tasks` from a device's REGISTER metadata (or its system_info)
+    when the device config gives none: trusts what devices say about themselves."""
+    max_queue_per_device: int = Field(default=100, ge=0)
+    """Sessions that may wait (`pending`) for a device at capacity; one more is refused."""
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     device_config: Path | None = None
@@ -221,6 +210,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     cluster: ClusterSettings = ClusterSettings()
     flapping: FlappingSettings = FlappingSettings()
+    dispatch: DispatchSettings = DispatchSettings()
 
     @property
     def database_url(self) -> str:

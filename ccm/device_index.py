@@ -1,5 +1,5 @@
-"""DeviceIndex: the registry's indexes of live clients (by type; devices by platform, capability
-and tag) and the device selection computed over them.
+"""DeviceIndex: the registry's indexes of live clients (by type; devices by platform, capability,
+tag and free capacity) and the device selection computed over them.
 
 Every index is an insertion-ordered dict used as an ordered set, so "first registered" is the
 first key and adding or removing one id is O(1). It holds no lock: the registry calls it under
@@ -8,13 +8,49 @@ its own.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import Counter
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from ccm.domain import ClientType
+from ccm.domain import ClientType, RejectReason
 
 Pool = dict[str, None]
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A device passed over, with the first reason (and the capability it lacks)."""
+
+    device_id: str
+    reason: RejectReason
+    capability: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """A device that qualifies, with what ranks it: free capacity (math.inf: unlimited), then
+    preferred tags it has, then registration order."""
+
+    device_id: str
+    free: float
+    tags: int
+    order: int
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """A selection and why: the choice, the best qualifying devices, and per reason how many
+    were passed over and the first of them (both lists bounded by the caller's limit)."""
+
+    device_id: str | None
+    qualifying: int
+    scores: list[Score]
+    rejected: dict[RejectReason, int] = field(default_factory=dict)
+    examples: dict[RejectReason, list[Rejected]] = field(default_factory=dict)
 
 
 def supported_features(system_info: dict[str, Any] | None) -> list[str]:
@@ -40,6 +76,9 @@ class DeviceIndex:
         self.by_platform: dict[str, Pool] = {}
         self.by_feature: dict[str, Pool] = {}
         self.by_tag: dict[str, Pool] = {}
+        self.by_free: dict[float, Pool] = {}
+        """Devices by free capacity: sessions they may still start (math.inf: unlimited)."""
+        self._free: dict[str, float] = {}
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -54,6 +93,7 @@ class DeviceIndex:
         if client_type is ClientType.DEVICE:
             self.by_platform.setdefault((platform or "").lower(), {})[client_id] = None
             self._add_system_info(client_id, system_info)
+            self.set_free(client_id, math.inf)
 
     def remove(
         self,
@@ -66,6 +106,22 @@ class DeviceIndex:
         if client_type is ClientType.DEVICE:
             _discard(self.by_platform, (platform or "").lower(), client_id)
             self._remove_system_info(client_id, system_info)
+            free = self._free.pop(client_id, None)
+            if free is not None:
+                _discard(self.by_free, free, client_id)
+
+    def set_free(self, device_id: str, free: float) -> None:
+        """A live device's free capacity changed (a session started or ended, or its capacity)."""
+        old = self._free.get(device_id)
+        if old == free:
+            return
+        if old is not None:
+            _discard(self.by_free, old, device_id)
+        self._free[device_id] = free
+        self.by_free.setdefault(free, {})[device_id] = None
+
+    def free_of(self, device_id: str) -> float:
+        return self._free.get(device_id, math.inf)
 
     def replace_system_info(
         self, device_id: str, old: dict[str, Any] | None, new: dict[str, Any] | None
@@ -100,17 +156,30 @@ class DeviceIndex:
         *,
         epoch_of: Callable[[str], int],
     ) -> str | None:
-        """The device with `platform` (any case) and every capability that shares the most
-        `tags`; ties go to the earliest registered (`epoch_of` orders registrations)."""
-        devices = self.by_type[ClientType.DEVICE]
+        """Among the devices with `platform` (any case), every capability and room for one more
+        session: the one with the most free capacity, then the most `tags`, then the earliest
+        registered (`epoch_of` orders registrations)."""
         # Candidates are intersections of index key views, computed in C (each `&` walks the
-        # smaller side): about 10x cheaper than testing every device in Python.
+        # smaller side): about 10x cheaper than testing every device in Python. Free capacity
+        # is a pool per level, tried from the most free down (levels are few: capacities are
+        # small numbers, and unlimited devices share one level).
         pools: list[Pool] = []
         if platform:
             pools.append(self.by_platform.get(platform.lower(), {}))
         for capability in capabilities:
             pools.append(self.by_feature.get(capability, {}))
         tag_pools = [pool for tag in tags if (pool := self.by_tag.get(tag))]
+        for level in sorted((level for level in self.by_free if level > 0), reverse=True):
+            found = self._best([*pools, self.by_free[level]], tag_pools, epoch_of)
+            if found is not None:
+                return found
+        return None
+
+    def _best(
+        self, pools: list[Pool], tag_pools: list[Pool], epoch_of: Callable[[str], int]
+    ) -> str | None:
+        """The device in every pool with the most tag pools, ties to the earliest registered."""
+        devices = self.by_type[ClientType.DEVICE]
         # A pool holding every device filters nothing (a feature all devices report).
         pools = [pool for pool in pools if len(pool) < len(devices)]
         if tag_pools:
@@ -141,6 +210,53 @@ class DeviceIndex:
                 candidates = {d for d, score in scores.items() if score == top}
         return self._earliest(candidates, epoch_of)
 
+    def explain(
+        self,
+        platform: str | None,
+        capabilities: list[str],
+        tags: list[str],
+        *,
+        epoch_of: Callable[[str], int],
+        offline: Iterable[str] = (),
+        limit: int = 10,
+    ) -> Explanation:
+        """The choice `select` makes, with its reasons: every live device is checked in turn
+        (platform, capabilities in the order asked, room), `offline` ids are passed over as
+        such. Walks every device, so it is for an operator's question, not for dispatch."""
+        platform_pool = self.by_platform.get(platform.lower(), {}) if platform else None
+        feature_pools = [(c, self.by_feature.get(c, {})) for c in capabilities]
+        tag_pools = [self.by_tag.get(tag, {}) for tag in tags]
+        rejected: dict[RejectReason, int] = {}
+        examples: dict[RejectReason, list[Rejected]] = {}
+
+        def reject(entry: Rejected) -> None:
+            rejected[entry.reason] = rejected.get(entry.reason, 0) + 1
+            listed = examples.setdefault(entry.reason, [])
+            if len(listed) < limit:
+                listed.append(entry)
+
+        for device_id in offline:
+            reject(Rejected(device_id, RejectReason.OFFLINE))
+        scores: list[Score] = []
+        for device_id in self.by_type[ClientType.DEVICE]:
+            if platform_pool is not None and device_id not in platform_pool:
+                reject(Rejected(device_id, RejectReason.WRONG_PLATFORM))
+                continue
+            missing = next((c for c, pool in feature_pools if device_id not in pool), None)
+            if missing is not None:
+                reject(Rejected(device_id, RejectReason.MISSING_CAPABILITY, missing))
+                continue
+            free = self._free.get(device_id, math.inf)
+            if free <= 0:
+                reject(Rejected(device_id, RejectReason.AT_CAPACITY))
+                continue
+            matched = sum(1 for pool in tag_pools if device_id in pool)
+            scores.append(Score(device_id, free, matched, epoch_of(device_id)))
+        best = heapq.nsmallest(limit, scores, key=lambda s: (-s.free, -s.tags, s.order))
+        return Explanation(
+            best[0].device_id if best else None, len(scores), best, rejected, examples
+        )
+
     def _earliest(self, candidates: Collection[str], epoch_of: Callable[[str], int]) -> str:
         """The candidate registered first. Few: by epoch; many: walk the device pool, which is
         in registration order, until the first candidate."""
@@ -152,7 +268,7 @@ class DeviceIndex:
         raise AssertionError("candidates must be live devices")  # pragma: no cover
 
 
-def _discard(index: dict[str, Pool], key: str, client_id: str) -> None:
+def _discard(index: dict[_K, Pool], key: _K, client_id: str) -> None:
     ids = index.get(key)
     if ids is not None:
         ids.pop(client_id, None)

@@ -78,8 +78,22 @@ def load_device_configs(path: Path) -> dict[str, JSONDict]:
                 f"{document.where(('devices', str(device_id), 'execution'))}: "
                 f"devices.{device_id}.execution must be {modes}, not {entry['execution']!r}"
             )
+        capacity = entry.get("max_concurrent_tasks")
+        if "max_concurrent_tasks" in entry and capacity_value(capacity) is None:
+            raise ConfigError(
+                f"{document.where(('devices', str(device_id), 'max_concurrent_tasks'))}: "
+                f"devices.{device_id}.max_concurrent_tasks must be a whole number of at least 1, "
+                f"not {capacity!r}"
+            )
         result[str(device_id)] = entry
     return result
+
+
+def capacity_value(value: object) -> int | None:
+    """`value` as a device capacity (a whole number, at least 1), or None if it is not one."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
 
 
 def merge_device_info(system_info: Mapping[str, Any], server_config: Mapping[str, Any]) -> JSONDict:
@@ -117,6 +131,11 @@ class DeviceConfigs:
         with self._lock:
             entry = self._entries.get(device_id)
         return copy.deepcopy(entry) if entry is not None else None
+
+    def ids(self) -> list[str]:
+        """The configured device ids, in file order."""
+        with self._lock:
+            return list(self._entries)
 
     def reload(self) -> int:
         """Re-read the file; on error the previous entries stay in force. Returns the count."""

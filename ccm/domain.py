@@ -89,3 +89,15 @@ class SessionReason(StrEnum):
     """The device's connection was closed for a frame over the size limit (a huge result)."""
     NODE_LOST = "node_lost"
     """The node that ran it, or the node its requester was connected to, was lost."""
+    QUEUE_FULL = "queue_full"
+    """Its device was at capacity and the device's queue was at `dispatch.max_queue_per_device`."""
+
+
+class RejectReason(StrEnum):
+    """Why device selection passed a device over (`/api/devices/select?explain=true`)."""
+
+    OFFLINE = "offline"
+    """Named in the device config, not connected."""
+    WRONG_PLATFORM = "wrong_platform"
+    MISSING_CAPABILITY = "missing_capability"
+    AT_CAPACITY = "at_capacity"

@@ -26,6 +26,18 @@ class SessionError(CcmError):
     """A session operation is not allowed (unknown id, already running, wrong party)."""
 
 
+class QueueFull(SessionError):
+    """A device is at capacity and its queue of pending sessions is at its bound."""
+
+    def __init__(self, device_id: str, bound: int) -> None:
+        super().__init__(
+            f"device '{device_id}' is at capacity and its queue is full ({bound} pending, "
+            "dispatch.max_queue_per_device); try again later or choose another device"
+        )
+        self.device_id = device_id
+        self.bound = bound
+
+
 class StoreUnavailable(CcmError):
     """The database cannot take writes now; the writer keeps them queued (up to its bound)."""
 

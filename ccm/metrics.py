@@ -63,7 +63,25 @@ class _LiveCollector(Collector):
             labels=["type", "platform"],
         )
         sessions = GaugeMetricFamily("ccm_live_sessions", "Sessions running now.")
+        per_device = GaugeMetricFamily(
+            "ccm_device_sessions",
+            "Sessions of a device now, by state (running or queued); devices without any are "
+            "left out.",
+            labels=["device_id", "state"],
+        )
+        queued = GaugeMetricFamily("ccm_queued_sessions", "Sessions waiting for a busy device.")
+        full = GaugeMetricFamily("ccm_devices_at_capacity", "Devices running at their capacity.")
         if registry is not None:
+            waiting = at_capacity = 0
+            for device_id, load in registry.device_loads().items():
+                if load.running:
+                    per_device.add_metric([device_id, "running"], load.running)
+                if load.queued:
+                    per_device.add_metric([device_id, "queued"], load.queued)
+                waiting += load.queued
+                at_capacity += load.capacity is not None and load.running >= load.capacity
+            queued.add_metric([], waiting)
+            full.add_metric([], at_capacity)
             counts: dict[tuple[str, str], int] = {}
             for client_id in registry.list_clients():
                 info = registry.get_client_info(client_id)
@@ -75,6 +93,10 @@ class _LiveCollector(Collector):
             sessions.add_metric([], registry.session_count())
         yield clients
         yield sessions
+        if registry is not None:
+            yield per_device
+            yield queued
+            yield full
         writer = self._writer()
         if writer is not None:
             stats = writer.stats()

@@ -291,31 +291,36 @@ def server_frame(
     task_name: str | None = None,
     response_id: str | None = None,
     result: JSONValue = None,
+    metadata: dict[str, JSONValue] | None = None,
 ) -> str:
-    """Encode one ServerMessage with every field present, in UFO's field order."""
-    return _FRAME_ENCODER.encode(
-        {
-            "type": type.value,
-            "status": status.value,
-            "user_request": user_request,
-            "agent_name": agent_name,
-            "process_name": process_name,
-            "root_name": root_name,
-            "actions": actions,
-            "messages": messages,
-            "error": error,
-            "session_id": session_id,
-            "task_name": task_name,
-            "timestamp": timestamp(),
-            "response_id": response_id or new_id(),
-            "result": result,
-        }
-    )
+    """Encode one ServerMessage with every field present, in UFO's field order; `metadata`
+    (ccm's additions, which UFO's clients ignore) only when given."""
+    frame = {
+        "type": type.value,
+        "status": status.value,
+        "user_request": user_request,
+        "agent_name": agent_name,
+        "process_name": process_name,
+        "root_name": root_name,
+        "actions": actions,
+        "messages": messages,
+        "error": error,
+        "session_id": session_id,
+        "task_name": task_name,
+        "timestamp": timestamp(),
+        "response_id": response_id or new_id(),
+        "result": result,
+    }
+    if metadata is not None:
+        frame["metadata"] = metadata
+    return _FRAME_ENCODER.encode(frame)
 
 
-def ok_frame(session_id: str | None = None) -> str:
+def ok_frame(session_id: str | None = None, *, metadata: dict[str, JSONValue] | None = None) -> str:
     """Registration confirmation, heartbeat ack and task ACK: all `heartbeat`/`ok` (decision D1)."""
-    return server_frame(ServerMessageType.HEARTBEAT, TaskStatus.OK, session_id=session_id)
+    return server_frame(
+        ServerMessageType.HEARTBEAT, TaskStatus.OK, session_id=session_id, metadata=metadata
+    )
 
 
 def error_frame(message: str) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +20,12 @@ from ccm.client_info import ClientInfo, next_epoch
 from ccm.clock import Clock, utcnow
 from ccm.config import DuplicatePolicy
 from ccm.device_index import DeviceIndex
+from ccm.device_load import CapacityPolicy, DeviceLoads, LoadCounts
 from ccm.devices import DeviceConfigs, merge_device_info
 from ccm.domain import ClientType, DisconnectReason
 from ccm.errors import DuplicateClientError
 from ccm.ids import new_id
+from ccm.registry_queries import RegistryQueries
 from ccm.session_map import SessionMap
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ __all__ = ["ClientConnectionManager", "ClientInfo", "ClientType"]
 logger = logging.getLogger(__name__)
 
 
-class ClientConnectionManager:
+class ClientConnectionManager(RegistryQueries):
     """Thread-safe registry of live clients and session mappings, optionally backed by a Store."""
 
     def __init__(
@@ -45,6 +46,7 @@ class ClientConnectionManager:
         store: Store | None = None,
         device_configs: DeviceConfigs | None = None,
         duplicate_policy: DuplicatePolicy | str = DuplicatePolicy.REJECT,
+        capacity: CapacityPolicy | None = None,
         clock: Clock = utcnow,
     ) -> None:
         if device_configs is None:
@@ -57,6 +59,7 @@ class ClientConnectionManager:
         self.online_clients: dict[str, ClientInfo] = {}
         self._sessions = SessionMap()
         self._index = DeviceIndex()
+        self._loads = DeviceLoads(self._index, capacity or CapacityPolicy())
         self._heard: dict[str, None] = {}
         """Clients heard from (touch) since the last `take_heard_from`."""
 
@@ -95,6 +98,11 @@ class ClientConnectionManager:
             # the live system info: copies per idle connection are memory x 10,000 devices.
             metadata["system_info"] = reported
         system_info = self._system_info_for(client_id, reported)
+        capacity = (
+            self._loads.policy.capacity(self._device_configs.get(client_id), metadata)
+            if client_type is ClientType.DEVICE
+            else None
+        )
         now = self._clock()
         info = ClientInfo(
             websocket=ws,
@@ -118,10 +126,13 @@ class ClientConnectionManager:
                 if self.duplicate_policy is DuplicatePolicy.REJECT:
                     raise DuplicateClientError(client_id)
                 self._index.remove(old.client_id, old.client_type, old.platform, old.system_info)
+                self._loads.remove(client_id)
                 del self.online_clients[client_id]
                 info.replaced = old
             self.online_clients[client_id] = info
             self._index.add(info.client_id, info.client_type, info.platform, info.system_info)
+            if client_type is ClientType.DEVICE:
+                self._loads.add(client_id, capacity)
         if self._store is not None and record:
             if old is not None:
                 self._store.record_disconnect(
@@ -165,6 +176,7 @@ class ClientConnectionManager:
                 return None
             del self.online_clients[client_id]
             self._index.remove(info.client_id, info.client_type, info.platform, info.system_info)
+            self._loads.remove(client_id)
         if self._store is not None:
             self._store.record_disconnect(
                 connection_id=info.connection_id,
@@ -275,6 +287,34 @@ class ClientConnectionManager:
         with self.lock:
             return len(self._sessions)
 
+    # -- capacity and queues ----------------------------------------------------------------
+
+    def admit_session(self, device_id: str, session_id: str) -> int:
+        """Count a new session on its device: 0 if it may run now, else its place in the
+        device's queue (1 is next). Raises QueueFull when the queue is at its bound."""
+        with self.lock:
+            return self._loads.admit(device_id, session_id)
+
+    def release_session(self, session_id: str) -> list[str]:
+        """A session ended: the queued sessions of its device that may run now, oldest first
+        (they count as running already). Idempotent."""
+        with self.lock:
+            return self._loads.release(session_id)
+
+    def device_load(self, device_id: str) -> LoadCounts | None:
+        """A live device's capacity (None: unlimited) and its running and queued sessions."""
+        with self.lock:
+            return self._loads.counts(device_id)
+
+    def device_loads(self) -> dict[str, LoadCounts]:
+        """Every live device's capacity and running and queued sessions, in registration order."""
+        with self.lock:
+            return self._loads.all_counts()
+
+    def queue_position(self, device_id: str, session_id: str) -> int:
+        with self.lock:
+            return self._loads.queue_position(device_id, session_id)
+
     # -- device information -----------------------------------------------------------------
 
     def get_device_system_info(self, device_id: str) -> dict[str, Any] | None:
@@ -301,9 +341,13 @@ class ClientConnectionManager:
         """
         self._device_configs.reload()
         changed: list[ClientInfo] = []
-        with self.lock:
+        with self.lock:  # DeviceConfigs has a lock of its own, never held while taking this one
             for device_id in list(self._index.by_type[ClientType.DEVICE]):
                 info = self.online_clients[device_id]
+                config = self._device_configs.get(device_id)
+                self._loads.set_capacity(
+                    device_id, self._loads.policy.capacity(config, info.metadata)
+                )
                 merged = self._system_info_for(device_id, info.reported_system_info)
                 if merged != info.system_info:
                     self._index.replace_system_info(device_id, info.system_info, merged)
@@ -326,68 +370,3 @@ class ClientConnectionManager:
             logger.info("merged server config for device client_id=%s", device_id)
             return merge_device_info(reported, server_config)
         return reported  # the registry's own copy; it is replaced, never changed in place
-
-    # -- statistics and queries -------------------------------------------------------------
-
-    def get_stats(self) -> dict[str, Any]:
-        """UFO's counts (`total`, `device_clients`, `constellation_clients`), plus per-type id
-        lists and platform counts (the shape UFO's API router reads), plus sessions."""
-        with self.lock:
-            devices = list(self._index.by_type[ClientType.DEVICE])
-            constellations = list(self._index.by_type[ClientType.CONSTELLATION])
-            platforms = self._index.platform_counts()
-            active_sessions = len(self._sessions)
-        return {
-            "total": len(devices) + len(constellations),
-            "device_clients": len(devices),
-            "constellation_clients": len(constellations),
-            "devices": {"ids": devices, "count": len(devices), "platforms": platforms},
-            "constellations": {"ids": constellations, "count": len(constellations)},
-            "active_sessions": active_sessions,
-        }
-
-    def get_devices_by_platform(self, platform: str) -> list[str]:
-        """Device ids whose platform matches, ignoring case."""
-        with self.lock:
-            return list(self._index.by_platform.get(platform.lower(), ()))
-
-    def get_recently_connected(self, minutes: float = 5) -> list[str]:
-        """Ids of clients that registered in the last `minutes`, oldest first."""
-        cutoff = self._clock() - timedelta(minutes=minutes)
-        recent: list[str] = []
-        with self.lock:
-            # online_clients is in registration order, so walk back from the newest.
-            for client_id in reversed(self.online_clients):
-                if self.online_clients[client_id].connected_at < cutoff:
-                    break
-                recent.append(client_id)
-        recent.reverse()
-        return recent
-
-    def find_devices_with_capability(self, capability: str) -> list[str]:
-        with self.lock:
-            return list(self._index.by_feature.get(capability, ()))
-
-    def find_devices_with_tag(self, tag: str) -> list[str]:
-        with self.lock:
-            return list(self._index.by_tag.get(tag, ()))
-
-    def select_optimal_device(
-        self,
-        required_platform: str | None = None,
-        required_capabilities: Iterable[str] | None = None,
-        preferred_tags: Iterable[str] | None = None,
-    ) -> str | None:
-        """The live device that has the platform and every capability and shares the most
-        preferred tags; ties go to the earliest registered. None if no device qualifies.
-
-        A device without system info has no capabilities, so it never satisfies a capability
-        requirement (UFO's sketch of this method let such devices through).
-        """
-        with self.lock:
-            return self._index.select(
-                required_platform,
-                list(dict.fromkeys(required_capabilities or ())),
-                list(dict.fromkeys(preferred_tags or ())),
-                epoch_of=lambda device_id: self.online_clients[device_id].epoch,
-            )

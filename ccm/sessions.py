@@ -1,9 +1,11 @@
 """SessionManager: the life of a task session, from creation to one final state.
 
 A session is live (pending or running) until it ends exactly once: completed, failed, cancelled or
-interrupted. Ending is idempotent: the first call wins and returns the session, later calls return
-None, so a constellation and its device disconnecting together end each session once. Ending also
-drops the session from the registry's maps, so nothing accumulates.
+interrupted. It is pending while its device is at capacity (queued in arrival order, see
+`ccm.device_load`) and runs when a session of that device ends. Ending is idempotent: the first
+call wins and returns the session, later calls return None, so a constellation and its device
+disconnecting together end each session once. Ending also drops the session from the registry's
+maps, so nothing accumulates.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ccm.clock import Clock, utcnow
 from ccm.domain import FINISHED_STATES, Mode, Origin, SessionReason, SessionState
-from ccm.errors import SessionError
+from ccm.errors import QueueFull, SessionError
 from ccm.ids import new_id
 from ccm.registry import ClientConnectionManager
 
@@ -40,6 +42,8 @@ class SessionRun:
 
     launched: bool = False
     """The device was handed the session (relay TASK sent, or a runner started)."""
+    confirmed: bool = False
+    """Its row was committed and its requester acknowledged (a queued one waits after it)."""
     task: asyncio.Task[None] | None = None
     """The runner's task (agent mode), cancelled when the session ends first."""
     commands: dict[str, asyncio.Future[list[dict[str, Any]]]] = field(default_factory=dict)
@@ -59,6 +63,8 @@ class LiveSession:
     task_name: str | None = None
     request: str | None = None
     state: SessionState = SessionState.RUNNING
+    queue_position: int = 0
+    """Its place in its device's queue when it was created (1 is next); 0: it ran at once."""
     created_at: datetime | None = None
     started_at: datetime | None = None
     owner_id: str = ""
@@ -78,6 +84,8 @@ class EndedSession:
     result: Any
     error: str | None
     ended_at: datetime
+    started: list[LiveSession] = field(default_factory=list)
+    """Pending sessions of its device that run now, in the slot it freed (oldest first)."""
 
 
 class SessionManager:
@@ -110,9 +118,11 @@ class SessionManager:
         request: str | None = None,
         track_for_device: bool = True,
     ) -> LiveSession:
-        """Start a session. A `session_id` that is live already is refused (SessionError), and so
-        is any new session while the store cannot confirm it: its queue at the bound
-        (StoreBacklogFull) or the database not taking writes (StoreUnavailable)."""
+        """Start a session: running if its device has room, else pending in the device's queue.
+        A `session_id` that is live already is refused (SessionError), a device whose queue is
+        at its bound too (QueueFull), and any new session while the store cannot confirm it:
+        its queue at the bound (StoreBacklogFull) or the database not taking writes
+        (StoreUnavailable)."""
         session_id = session_id or new_id()
         if len(session_id) > MAX_SESSION_ID_LENGTH:
             raise SessionError(f"session_id is longer than {MAX_SESSION_ID_LENGTH} characters")
@@ -144,6 +154,15 @@ class SessionManager:
                 if live.owner_id != owner:
                     raise SessionError(f"session_id '{session_id}' is owned by another client")
                 raise SessionError(f"session_id '{session_id}' is already running")
+            if track_for_device:
+                try:
+                    position = self._registry.admit_session(device_id, session_id)
+                except QueueFull as exc:
+                    self._record_refused(session, str(exc))
+                    raise
+                if position:
+                    session.state, session.started_at = SessionState.PENDING, None
+                    session.queue_position = position
             self._live[session_id] = session
         if constellation_id is not None:
             self._registry.add_constellation_session(constellation_id, session_id)
@@ -159,7 +178,7 @@ class SessionManager:
                 constellation_id=constellation_id,
                 device_id=device_id,
                 mode=mode,
-                state=SessionState.RUNNING,
+                state=session.state,
                 at=now,
             )
         # DEBUG: the sessions table is the audit trail, and one INFO line per session (its end,
@@ -172,6 +191,31 @@ class SessionManager:
             mode.value,
         )
         return session
+
+    def _record_refused(self, session: LiveSession, error: str) -> None:
+        """A session refused for a full queue: one failed row (`queue_full`), so the history
+        shows what was asked and why it did not run."""
+        if self._store is not None:
+            self._store.record_session_created(
+                id=session.id,
+                session_id=session.session_id,
+                task_name=session.task_name,
+                request=session.request,
+                origin=session.origin,
+                constellation_id=session.constellation_id,
+                device_id=session.device_id,
+                mode=session.mode,
+                state=SessionState.PENDING,
+                at=session.created_at or self._clock(),
+            )
+            self._store.record_session_ended(
+                id=session.id,
+                state=SessionState.FAILED,
+                reason=SessionReason.QUEUE_FULL,
+                result=None,
+                error=error,
+                at=session.created_at or self._clock(),
+            )
 
     def get(self, session_id: str) -> LiveSession | None:
         with self._lock:
@@ -223,6 +267,7 @@ class SessionManager:
             self._store.record_session_ended(
                 id=session.id, state=state, reason=reason, result=result, error=error, at=ended_at
             )
+        started = self._start_queued(self._registry.release_session(session_id), ended_at)
         logger.info(
             "session ended session_id=%s state=%s reason=%s device_id=%s origin=%s mode=%s "
             "seconds=%.3f",
@@ -234,7 +279,22 @@ class SessionManager:
             session.mode.value,
             (ended_at - (session.created_at or ended_at)).total_seconds(),
         )
-        return EndedSession(session, state, reason, result, error, ended_at)
+        return EndedSession(session, state, reason, result, error, ended_at, started)
+
+    def _start_queued(self, session_ids: list[str], at: datetime) -> list[LiveSession]:
+        """Pending sessions given a slot: running from `at` (queued for the database)."""
+        started = []
+        for session_id in session_ids:
+            with self._lock:
+                session = self._live.get(session_id)
+            if session is None or session.state is not SessionState.PENDING:
+                continue
+            session.state, session.started_at = SessionState.RUNNING, at
+            if self._store is not None:
+                self._store.record_session_started(id=session.id, at=at)
+            logger.debug("queued session started session_id=%s", session_id)
+            started.append(session)
+        return started
 
     def complete(self, session_id: str, result: Any = None) -> EndedSession | None:
         return self.finish(session_id, SessionState.COMPLETED, result=result)

@@ -205,6 +205,16 @@ class TestAudit:
         }
         assert all(c["online"] is True for c in data)
 
+    def test_online_json_counts_each_device_running_and_queued_sessions(
+        self, config: Path, url: str, history: History
+    ) -> None:
+        """`audit online --json` gives a device its sessions running and queued in SQL (dev-1:
+        s-stuck and s-recent-run), a constellation neither."""
+        data = {c["client_id"]: c for c in _json(config, url, "audit", "online")}
+
+        assert (data["dev-1"]["running"], data["dev-1"]["queued"]) == (2, 0)
+        assert "running" not in data["con-1"]
+
     def test_online_table_shows_client_ids(self, config: Path, url: str, history: History) -> None:
         """The table form of `audit online` names each online client."""
         result = _run(config, url, "audit", "online")

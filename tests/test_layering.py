@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ccm.yamlfile",
         "ccm.settings_report",
         "ccm.durations",
+        "ccm.choices",
         "ccm.config",
         "ccm.version",
     ),
@@ -27,8 +28,10 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "ccm.client_info",
         "ccm.device_index",
+        "ccm.device_load",
         "ccm.session_map",
         "ccm.devices",
+        "ccm.registry_queries",
         "ccm.registry",
         "ccm.sessions",
         "ccm.maintenance",

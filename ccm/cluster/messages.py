@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class MessageKind(StrEnum):
@@ -51,6 +51,8 @@ class DispatchResultPayload(TypedDict):
     error: str | None
     status: int
     """The HTTP status the dispatching node answers with (200 when the session started)."""
+    queue_position: NotRequired[int]
+    """Its place in the device's queue (absent or 0: it runs; older nodes leave it out)."""
 
 
 class RequesterGonePayload(TypedDict):

@@ -10,14 +10,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ccm.audit import read_session_story
+from ccm.audit import read_device_loads, read_session_story
 from ccm.clock import utcnow
 from ccm.commands.options import ConfigOpt, JsonOpt, UrlOpt, WideOpt, load, opened, when
 from ccm.commands.output import print_json, say, span, table, time_text
-from ccm.domain import SessionState
+from ccm.domain import ClientType, SessionState
 from ccm.errors import CcmError
 from ccm.settings_report import mask_url
 from ccm.store.repository import (
+    ClientRow,
     ConnectionRow,
     SessionRow,
     read_connection_history,
@@ -60,16 +61,32 @@ def audit_online(
     as_json: JsonOpt = False,
     wide: WideOpt = False,
 ) -> None:
-    """Who is online now, as recorded in SQL."""
+    """Who is online now, as recorded in SQL; devices with their running and queued sessions."""
     settings = load(config, database_url)
     with opened(settings) as engine:
         rows = read_online_clients(engine)
+        loads = read_device_loads(engine)
+    idle = {"running": 0, "queued": 0}
+
+    def load_of(row: ClientRow) -> dict[str, int] | None:
+        if row.client_type != ClientType.DEVICE:
+            return None
+        return loads.get(row.client_id, idle)
+
     if as_json:
-        print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() | (load_of(row) or {}) for row in rows])
         return
     table(
         f"{len(rows)} clients online",
-        ["client_id", "type", "platform", "first seen (UTC)", "last seen (UTC)"],
+        [
+            "client_id",
+            "type",
+            "platform",
+            "first seen (UTC)",
+            "last seen (UTC)",
+            "running",
+            "queued",
+        ],
         [
             [
                 r.client_id,
@@ -77,6 +94,7 @@ def audit_online(
                 r.platform,
                 time_text(r.first_seen_at),
                 time_text(r.last_seen_at),
+                *((str(x["running"]), str(x["queued"])) if (x := load_of(r)) else ("", "")),
             ]
             for r in rows
         ],

@@ -144,13 +144,26 @@ async def select_device(
     platform: str | None = None,
     capabilities: Annotated[list[str] | None, Query()] = None,
     tags: Annotated[list[str] | None, Query()] = None,
+    explain: bool = False,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> Response:
-    """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated."""
+    """`select_optimal_device`: repeat `capabilities`/`tags`, or give them comma-separated.
+    With `explain=true`, 200 even when nothing qualifies, and an `explain` object: this node's
+    devices passed over, counted per first reason with the first `limit` of each, and the
+    `limit` best qualifying devices with their scores."""
     caps = _split(capabilities)
     wanted_tags = _split(tags)
+    if explain:
+        answer = views.explain_selection(hub, platform, caps, wanted_tags, limit)
+        chosen = answer["device_id"]
+        answer["system_info"] = views.device_system_info(hub, chosen) if chosen else None
+        return JsonAnswer(answer)
     device_id = views.select_device(hub, platform, caps, wanted_tags)
     if device_id is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No connected device matches")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            "No connected device matches with room for a session; add explain=true to see why",
+        )
     return JsonAnswer(
         {"device_id": device_id, "system_info": views.device_system_info(hub, device_id)}
     )
@@ -284,12 +297,16 @@ async def dispatch(
     answer = await hub.dispatch_anywhere(body.client_id, body.request, task_name)
     if answer.status != status.HTTP_200_OK:
         raise HTTPException(answer.status, answer.error or "dispatch failed")
-    return {
+    dispatched: dict[str, Any] = {
         "status": "dispatched",
         "task_name": answer.task_name,
         "client_id": body.client_id,
         "session_id": answer.session_id,
+        "state": (SessionState.PENDING if answer.queue_position else SessionState.RUNNING).value,
     }
+    if answer.queue_position:
+        dispatched["queue_position"] = answer.queue_position
+    return dispatched
 
 
 @protected.get("/task_result/{task_name}", tags=["sessions"], response_model=AnyJson)

@@ -73,6 +73,8 @@ class DispatchAnswer:
     session_id: str | None = None
     task_name: str | None = None
     error: str | None = None
+    queue_position: int = 0
+    """Its place in the device's queue (the device is at capacity); 0: it runs."""
 
 
 class ClusterLink:
@@ -312,7 +314,11 @@ class ClusterLink:
         except TimeoutError:
             return DispatchAnswer(503, error="the device's node did not answer in time; try again")
         return DispatchAnswer(
-            result["status"], result["session_id"], result["task_name"], result["error"]
+            result["status"],
+            result["session_id"],
+            result["task_name"],
+            result["error"],
+            result.get("queue_position", 0),
         )
 
     # -- receiving ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ccm.cluster.messages import (
     StartSessionPayload,
 )
 from ccm.domain import ClientType, DisconnectReason, Origin, SessionReason, SessionState
-from ccm.errors import SessionError, StoreUnavailable
+from ccm.errors import QueueFull, SessionError, StoreUnavailable
 from ccm.protocol import task_end_frame
 from ccm.server import ws_probe
 from ccm.server.cluster_link import ClusterLink, RemoteRequester
@@ -86,7 +86,9 @@ class MessageHandlers:
         )
         device_id = payload["device_id"]
 
-        def answer(status: int, error: str | None, session_id: str | None = None) -> None:
+        def answer(
+            status: int, error: str | None, session_id: str | None = None, position: int = 0
+        ) -> None:
             if correlation is not None:
                 result = DispatchResultPayload(
                     correlation=correlation,
@@ -94,6 +96,7 @@ class MessageHandlers:
                     task_name=payload["task_name"],
                     error=error,
                     status=status,
+                    queue_position=position,
                 )
                 link.send(source, MessageKind.DISPATCH_RESULT, result)
 
@@ -114,13 +117,17 @@ class MessageHandlers:
         )
         try:
             session = await hub.orchestrator.start(task, wait=correlation is not None)
+        except QueueFull as exc:
+            answer(429, str(exc))
+            return
         except SessionError as exc:
             answer(409, str(exc))
             return
         except StoreUnavailable as exc:
             answer(503, str(exc))
             return
-        answer(200, None, session.session_id)
+        position = hub.registry.queue_position(device_id, session.session_id)
+        answer(200, None, session.session_id, position)
 
     async def _requester_gone(self, payload: RequesterGonePayload) -> None:
         await self._hub.orchestrator.end_sessions_of(

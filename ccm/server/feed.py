@@ -273,6 +273,7 @@ class DashboardFeed:
             }
             if info.client_type is ClientType.DEVICE:
                 system_info = info.system_info or {}
+                load = registry.device_load(client_id)
                 devices.append(
                     {
                         **common,
@@ -281,6 +282,9 @@ class DashboardFeed:
                         "capabilities": _strings(system_info.get("supported_features")),
                         "mode": "relay" if self.hub.is_relay_device(client_id) else "agent",
                         "sessions": registry.get_device_sessions(client_id),
+                        "running": load.running if load else None,
+                        "queued": load.queued if load else None,
+                        "capacity": load.capacity if load else None,
                     }
                 )
             else:
@@ -332,6 +336,9 @@ class DashboardFeed:
                         "tags": _strings(system_info.get("tags")),
                         "capabilities": _strings(system_info.get("supported_features")),
                         "mode": None,
+                        "running": None,
+                        "queued": None,
+                        "capacity": None,
                     }
                 )
             else:

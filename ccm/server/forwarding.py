@@ -11,6 +11,7 @@ from ccm.protocol import ClientMessage
 from ccm.registry import ClientConnectionManager
 from ccm.server.cluster_link import ClusterLink
 from ccm.server.peer import Peer
+from ccm.server.policy import Scope, not_connected
 from ccm.server.tasks import refuse_task
 
 
@@ -20,10 +21,12 @@ async def forward_task(
     peer: Peer,
     msg: ClientMessage,
     target: str,
+    scope: Scope,
 ) -> None:
     remote = await cluster.locate(target)
     if remote is None:
-        refuse_task(peer, msg.session_id, f"Target device '{target}' is not connected")
+        refusal = not_connected(peer, target, scope, registry, cluster.directory)
+        refuse_task(peer, msg.session_id, refusal)
         return
     if remote.client_type is not ClientType.DEVICE:
         refuse_task(peer, msg.session_id, "Constellation tasks may only target device clients")

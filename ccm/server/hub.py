@@ -17,7 +17,7 @@ from typing import Any
 from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.domain import ClientType, DisconnectReason, Mode, Origin
-from ccm.errors import SessionError, StoreUnavailable
+from ccm.errors import QueueFull, SessionError, StoreUnavailable
 from ccm.metrics import Metrics
 from ccm.protocol import (
     CLOSE_GOING_AWAY,
@@ -37,7 +37,7 @@ from ccm.server.flapping import Ban, FlapGuard
 from ccm.server.forwarding import forward_task, tell_requester_gone
 from ccm.server.orchestrator import SessionOrchestrator
 from ccm.server.peer import Peer
-from ccm.server.policy import Scope, identity_mismatch
+from ccm.server.policy import Scope, identity_mismatch, not_connected
 from ccm.server.registration import Registrar, RegistrationRefused
 from ccm.server.router import Router
 from ccm.server.runners import SessionRunner
@@ -192,7 +192,7 @@ class Hub:
             target = msg.target_id
             problem = self._target_problem(peer, target)
             if problem == _ELSEWHERE and self.cluster is not None and target is not None:
-                await forward_task(self.cluster, self.registry, peer, msg, target)
+                await forward_task(self.cluster, self.registry, peer, msg, target, self._scope)
                 return
             if problem is not None:
                 refuse_task(peer, msg.session_id, problem)
@@ -234,7 +234,7 @@ class Hub:
                 return "Constellation tasks may only target device clients"
             if self.cluster is not None:
                 return _ELSEWHERE
-            return f"Target device '{target}' is not connected"
+            return not_connected(peer, target, self._scope, self.registry, None)
         return None
 
     async def dispatch(self, device_id: str, request: str, task_name: str | None) -> LiveSession:
@@ -259,9 +259,12 @@ class Hub:
                 session = await self.dispatch(device_id, request, task_name)
             except StoreUnavailable as exc:
                 return DispatchAnswer(503, error=str(exc))
+            except QueueFull as exc:
+                return DispatchAnswer(429, error=str(exc))
             except SessionError as exc:
                 return DispatchAnswer(409, error=str(exc))
-            return DispatchAnswer(200, session.session_id, session.task_name)
+            position = self.registry.queue_position(device_id, session.session_id)
+            return DispatchAnswer(200, session.session_id, session.task_name, None, position)
         remote = await self.cluster.locate(device_id)
         if remote is None:
             return DispatchAnswer(404, error="Client not online")

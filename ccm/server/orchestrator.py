@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Iterable
 from typing import Any
 
 from ccm.clock import utcnow
 from ccm.config import Settings
 from ccm.domain import ClientType, DisconnectReason, Mode, SessionReason, SessionState
-from ccm.errors import NodeFenced, SessionError, StoreUnavailable
+from ccm.errors import NodeFenced, QueueFull, SessionError, StoreUnavailable
 from ccm.ids import new_id
 from ccm.logs import bind
 from ccm.metrics import Metrics
 from ccm.protocol import (
     ServerMessageType,
     TaskStatus,
-    ok_frame,
     sanitize_task_name,
     server_frame,
     task_end_frame,
 )
 from ccm.registry import ClientConnectionManager
 from ccm.server.channel import SessionChannel
+from ccm.server.commits import CommitWaits
 from ccm.server.router import Router
 from ccm.server.runners import NO_RUNNER_ERROR, SessionRunner
-from ccm.server.tasks import Requester, TaskRequest, execution_mode, refuse_task
+from ccm.server.tasks import Requester, TaskRequest, ack_frame, execution_mode, refuse_task
 from ccm.sessions import EndedSession, LiveSession, SessionManager
 from ccm.store import Store
 
@@ -44,6 +44,13 @@ CONSTELLATION_GONE_ERROR = "Task was cancelled because the requesting constellat
 SHUTDOWN_ERROR = "the server is shutting down"
 UNCONFIRMED_ERROR = "the database did not confirm the session in time; try again"
 NODE_LOST_ERROR = "the requester's node was lost (its lease expired)"
+
+
+def _waiting_first(sessions: Iterable[LiveSession | None]) -> list[LiveSession]:
+    """Sessions to end together, pending ones first: a slot that ending a running one frees
+    must not start a session that is about to end too."""
+    live = [session for session in sessions if session is not None]
+    return sorted(live, key=lambda session: session.state is not SessionState.PENDING)
 
 
 class SessionOrchestrator:
@@ -69,34 +76,44 @@ class SessionOrchestrator:
         self._command_timeout = settings.server.command_timeout.total_seconds()
         self._max_frame_bytes = settings.server.max_frame_bytes
         self.ack_timeout = max(1.0, settings.server.send_timeout.total_seconds())
-        self._held: set[asyncio.Task[None]] = set()
-        """Work waiting for a commit off the receive loops: session launches (ACK, then the
-        TASK to the device), TASK_END announcements, and `completed` TASK_ENDs held while the
-        database is away (see _announce)."""
+        self._commits = CommitWaits(store, self.ack_timeout)
 
     # -- starting -------------------------------------------------------------------------------
 
     async def start(self, task: TaskRequest, *, wait: bool) -> LiveSession:
         """Create the session (queued for the database when this returns), then launch it once
-        it is committed: ACK to the requester, the task to the device or a runner.
+        it is committed: ACK to the requester, the task to the device or a runner. A device at
+        capacity gets it later: the session is pending, its ACK carries `metadata.
+        queue_position`, and it is handed out when it reaches the head of the device's queue.
 
-        With `wait`, return after the launch (HTTP dispatch answers with the running session);
-        without, the launch runs in a held task so the caller's receive loop goes on. Raises
-        SessionError or StoreUnavailable, after telling the requester, if it cannot start."""
+        With `wait`, return after the launch (HTTP dispatch answers with the running or pending
+        session); without, the launch runs in a held task so the caller's receive loop goes on.
+        Raises SessionError (QueueFull for a full queue) or StoreUnavailable, after telling the
+        requester, if it cannot start."""
         mode = Mode.AGENT if task.force_agent else execution_mode(self._registry, task.device_id)
         requester = task.requester
+        constellation_id = (
+            requester.client_id if requester is not None and requester.is_constellation else None
+        )
+        task_name = sanitize_task_name(task.task_name)
         try:
             session = self._sessions.create(
                 task.session_id,
                 task.device_id,
                 origin=task.origin,
                 mode=mode,
-                constellation_id=requester.client_id
-                if requester is not None and requester.is_constellation
-                else None,
-                task_name=sanitize_task_name(task.task_name),
+                constellation_id=constellation_id,
+                task_name=task_name,
                 request=task.request,
             )
+        except QueueFull as exc:  # SessionManager recorded it as failed (queue_full)
+            self._metrics.count(self._metrics.sessions_ended, SessionState.FAILED.value)
+            refusal = self._refuse_when_recorded(requester, task.session_id, str(exc))
+            if wait:
+                await refusal
+            else:
+                await self._commits.without_blocking(refusal)
+            raise
         except (SessionError, StoreUnavailable) as exc:
             if requester is not None:
                 refuse_task(requester, task.session_id, str(exc))
@@ -106,11 +123,11 @@ class SessionOrchestrator:
             # A requester on another node: its ACK travels in the same transaction as the
             # session's row, so it is delivered only if the row is committed.
             session.owner_node = task.requester_node
-            requester.send(ok_frame(session.session_id))
+            requester.send(ack_frame(session.session_id, session.queue_position))
             requester = None
         launch = self._launch(session, requester)
         if not wait:
-            await self._without_blocking(launch)
+            await self._commits.without_blocking(launch)
         elif not await launch:
             raise StoreUnavailable(UNCONFIRMED_ERROR)
         return session
@@ -118,7 +135,7 @@ class SessionOrchestrator:
     async def _launch(self, session: LiveSession, requester: Requester | None) -> bool:
         """Once the session is committed: ACK the requester, then hand the task to the device
         (relay) or to a runner. False if the database did not confirm (the session failed)."""
-        if not await self._durable():
+        if not await self._commits.durable():
             await self.finish(
                 session,
                 SessionState.FAILED,
@@ -129,9 +146,28 @@ class SessionOrchestrator:
             return False
         if self._sessions.get(session.session_id) is not session:
             return True  # ended meanwhile (its requester or device left): nothing to hand out
-        session.run.launched = True
         if requester is not None:
-            requester.send(ok_frame(session.session_id))
+            position = self._registry.queue_position(session.device_id, session.session_id)
+            requester.send(ack_frame(session.session_id, position))
+        session.run.confirmed = True
+        if session.state is SessionState.PENDING:
+            return True  # handed out when a slot frees (see _end)
+        await self._hand_out(session)
+        return True
+
+    async def _refuse_when_recorded(
+        self, requester: Requester | None, session_id: str | None, text: str
+    ) -> None:
+        """The refused session's row is committed (bounded wait), then the requester told."""
+        await self._commits.durable()
+        if requester is not None:
+            refuse_task(requester, session_id, text)
+
+    async def _hand_out(self, session: LiveSession) -> None:
+        """The session runs now: the task to its device (relay) or to a runner (agent)."""
+        if self._sessions.get(session.session_id) is not session:
+            return  # ended while it waited for its turn
+        session.run.launched = True
         if session.mode is Mode.RELAY:
             handed = self._router.send(
                 session.device_id,
@@ -150,17 +186,16 @@ class SessionOrchestrator:
                     reason=SessionReason.DEVICE_DISCONNECTED,
                     error=DEVICE_GONE_ERROR,
                 )
-            return True
+            return
         runner = next((r for r in self._runners if r.accepts(session.request)), None)
         if runner is None:
             await self.finish(
                 session, SessionState.FAILED, reason=SessionReason.NO_RUNNER, error=NO_RUNNER_ERROR
             )
-            return True
+            return
         session.run.task = asyncio.create_task(
             self._run(session, runner), name=f"ccm-session-{session.id}"
         )
-        return True
 
     async def _run(self, session: LiveSession, runner: SessionRunner) -> None:
         bind(session_id=session.session_id, device_id=session.device_id)
@@ -200,7 +235,7 @@ class SessionOrchestrator:
             error=error,
         )
         if ended is not None:
-            await self._without_blocking(self._announce(session, ended, wait=True))
+            await self._commits.without_blocking(self._announce(session, ended, wait=True))
 
     async def finish(
         self,
@@ -248,6 +283,10 @@ class SessionOrchestrator:
         for answer in run.commands.values():
             if not answer.done():
                 answer.cancel()
+        for started in ended.started:
+            # A session still waiting for its own commit is handed out by its launch.
+            if started.run.confirmed:
+                self._commits.hold(self._hand_out(started))
         return ended
 
     async def _announce(self, session: LiveSession, ended: EndedSession, *, wait: bool) -> None:
@@ -269,14 +308,14 @@ class SessionOrchestrator:
             recipients.append(session.owner_id)
         if session.device_id != session.owner_id and session.run.launched:
             recipients.append(session.device_id)
-        durable = await self._durable() if wait and recipients else False
+        durable = await self._commits.durable() if wait and recipients else False
         if durable or not completed:
             self._router.send_all(recipients, frame)
         else:
             # The database is away. A client told `completed` relies on the result, so that
             # TASK_END waits until the state is committed (a crash before then must not leave
             # SQL saying otherwise); the connection meanwhile goes on serving other frames.
-            self._hold(self._send_when_durable(recipients, frame))
+            self._commits.hold(self._send_when_durable(recipients, frame))
         if session.mode is Mode.RELAY and session.started_at is not None:
             self._metrics.relay_latency.observe((utcnow() - session.started_at).total_seconds())
 
@@ -314,10 +353,8 @@ class SessionOrchestrator:
                 reason = SessionReason.FRAME_TOO_LARGE
         if node_lost:
             reason, error = SessionReason.NODE_LOST, NODE_LOST_ERROR
-        for session_id in ids:
-            session = self._sessions.get(session_id)
-            if session is not None:
-                await self.finish(session, state, reason=reason, error=error)
+        for session in _waiting_first(self._sessions.get(session_id) for session_id in ids):
+            await self.finish(session, state, reason=reason, error=error)
         if client_type is ClientType.CONSTELLATION:
             self._registry.remove_constellation_sessions(client_id)
         else:
@@ -342,49 +379,10 @@ class SessionOrchestrator:
     ) -> None:
         """Server stopping (or fenced): every live session ends (owners told), and the held
         acknowledgements and TASK_ENDs get up to the ACK timeout to go out."""
-        for session in self._sessions.live_sessions():
+        for session in _waiting_first(self._sessions.live_sessions()):
             await self.finish(session, state, reason=reason, error=error)
-        if self._held:
-            await asyncio.wait(list(self._held), timeout=self.ack_timeout)
+        await self._commits.drain()
 
     async def cancel_held(self) -> None:
         """Cancel what still waits for a commit (its clients are gone; the states stay queued)."""
-        for held in list(self._held):
-            held.cancel()
-        await asyncio.gather(*self._held, return_exceptions=True)
-
-    # -- commits --------------------------------------------------------------------------------
-
-    async def _without_blocking(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run `work` so that the calling receive loop need not wait for it. With a store, the
-        waits inside are for group commits: a receive loop that awaited each one would put every
-        session of its connection into a commit of its own, one after the other. Without a store
-        nothing inside waits, so it runs here (no task to pay for)."""
-        if self._store is None:
-            await work
-            return
-        self._hold(work)
-
-    def _hold(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run `work` in a task kept in `_held` until it ends (shutdown waits for these)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._held.add(task)
-        task.add_done_callback(self._held.discard)
-
-    async def _durable(self) -> bool:
-        """Wait (bounded) until queued writes are committed. False if the store did not confirm,
-        at once while the database is known to be away (no connection stalls on it)."""
-        store = self._store
-        if store is None:
-            return True
-        if store.writer.degraded:
-            return False
-        try:
-            async with asyncio.timeout(self.ack_timeout):  # no extra task, unlike wait_for
-                await store.writer.durable()
-        except TimeoutError:
-            logger.error("store did not confirm writes within %.1f s", self.ack_timeout)
-            return False
-        except NodeFenced:
-            return False
-        return True
+        await self._commits.cancel()

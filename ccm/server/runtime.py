@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 
 from ccm.clock import utcnow
 from ccm.config import Settings
+from ccm.device_load import CapacityPolicy
 from ccm.devices import DeviceConfigs
 from ccm.domain import DisconnectReason, SessionReason, SessionState
 from ccm.errors import DATABASE_AWAY, NodeFenced, first_line
@@ -75,6 +76,7 @@ class Runtime:
             store=store,
             device_configs=device_configs,
             duplicate_policy=settings.duplicate_policy,
+            capacity=CapacityPolicy.from_settings(settings.dispatch),
         )
         sessions = SessionManager(registry, store=store)
         hub = Hub(

@@ -1,5 +1,5 @@
 """What a task request is, who may ask (a Requester), how a device runs it (its execution mode),
-and how a refusal looks on the wire (decision D4 in README)."""
+and how an ACK and a refusal look on the wire (decisions D1 and D4 in README)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ccm.domain import ClientType, Mode, Origin
-from ccm.protocol import RELAY_METADATA_KEY, error_frame, task_end_frame
+from ccm.protocol import RELAY_METADATA_KEY, error_frame, ok_frame, task_end_frame
 from ccm.registry import ClientConnectionManager
 
 
@@ -34,6 +34,13 @@ class Requester(Protocol):
     def is_constellation(self) -> bool: ...
 
     def send(self, frame: str) -> bool: ...
+
+
+def ack_frame(session_id: str, queue_position: int) -> str:
+    """A task's ACK; a queued session's carries its place (existing clients ignore it)."""
+    if queue_position:
+        return ok_frame(session_id, metadata={"queue_position": queue_position})
+    return ok_frame(session_id)
 
 
 def refuse_task(peer: Requester, session_id: str | None, message: str) -> None:

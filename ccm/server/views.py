@@ -5,6 +5,7 @@ Every client carries the node that holds it (`node`: its run id, `node_name`).""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ccm.cluster.directory import RemoteClient
@@ -70,6 +71,8 @@ def clients(hub: Hub) -> list[dict[str, Any]]:
 
 
 def devices(hub: Hub) -> dict[str, Any]:
+    """Ids, counts by platform and, for this node's devices, their load (`capacity` null:
+    unlimited): other nodes' devices are listed, their load lives on their nodes."""
     stats = hub.registry.get_stats()
     ids: list[str] = list(stats["devices"]["ids"])
     platforms: dict[str, int] = dict(stats["devices"]["platforms"])
@@ -79,7 +82,11 @@ def devices(hub: Hub) -> dict[str, Any]:
             ids.append(remote.client_id)
             key = (remote.platform or "").lower()
             platforms[key] = platforms.get(key, 0) + 1
-    return {"devices": ids, "count": len(ids), "by_platform": platforms}
+    load = {
+        device_id: {"running": counts.running, "queued": counts.queued, "capacity": counts.capacity}
+        for device_id, counts in hub.registry.device_loads().items()
+    }
+    return {"devices": ids, "count": len(ids), "by_platform": platforms, "load": load}
 
 
 def device(hub: Hub, device_id: str) -> dict[str, Any] | None:
@@ -93,6 +100,7 @@ def device(hub: Hub, device_id: str) -> dict[str, Any] | None:
             "platform": info.platform if info else None,
             "connected_at": info.connected_at.isoformat() if info else None,
             "sessions": registry.get_device_sessions(device_id),
+            "load": _load(hub, device_id),
             "system_info": registry.get_device_system_info(device_id),
             "node": node,
             "node_name": name,
@@ -105,10 +113,18 @@ def device(hub: Hub, device_id: str) -> dict[str, Any] | None:
         "platform": remote.platform,
         "connected_at": remote.connected_at.isoformat(),
         "sessions": None,
+        "load": None,
         "system_info": remote.system_info,
         "node": remote.run_id,
         "node_name": _node_name(hub, remote.run_id),
     }
+
+
+def _load(hub: Hub, device_id: str) -> dict[str, Any] | None:
+    counts = hub.registry.device_load(device_id)
+    if counts is None:
+        return None
+    return {"running": counts.running, "queued": counts.queued, "capacity": counts.capacity}
 
 
 def select_device(
@@ -142,6 +158,39 @@ def select_device(
         index.add(client.client_id, ClientType.DEVICE, client.platform, client.system_info)
         order[client.client_id] = position
     return index.select(platform, capabilities, tags, epoch_of=lambda device_id: order[device_id])
+
+
+def explain_selection(
+    hub: Hub, platform: str | None, capabilities: list[str], tags: list[str], limit: int
+) -> dict[str, Any]:
+    """The choice of `select_device` with this node's reasons (other nodes' devices are
+    counted in the choice, not explained: their load lives on their nodes)."""
+    explained = hub.registry.explain_selection(platform, capabilities, tags, limit=limit)
+    return {
+        "device_id": select_device(hub, platform, capabilities, tags),
+        "explain": {
+            "qualifying": explained.qualifying,
+            "scores": [
+                {
+                    "device_id": score.device_id,
+                    "free_capacity": None if math.isinf(score.free) else int(score.free),
+                    "preferred_tags": score.tags,
+                }
+                for score in explained.scores
+            ],
+            "rejected": {
+                reason.value: {
+                    "count": count,
+                    "devices": [
+                        {"device_id": r.device_id}
+                        | ({"capability": r.capability} if r.capability else {})
+                        for r in explained.examples[reason]
+                    ],
+                }
+                for reason, count in explained.rejected.items()
+            },
+        },
+    }
 
 
 def device_system_info(hub: Hub, device_id: str) -> dict[str, Any] | None:

@@ -39,6 +39,7 @@ from ccm.store.writes import (
     RunStoppedParams,
     SessionCreatedParams,
     SessionEndedParams,
+    SessionStartedParams,
     SystemInfoParams,
     Write,
     WriteKind,
@@ -282,6 +283,11 @@ class Store:
             p_server_run_id=self.run_id,
         )
         self.writer.submit(Write(WriteKind.SESSION_CREATED, params, key=id))
+
+    def record_session_started(self, *, id: str, at: datetime) -> None:
+        """A pending session runs now. Guarded: it changes only a session still pending."""
+        params = SessionStartedParams(p_id=id, p_at=at)
+        self.writer.submit(Write(WriteKind.SESSION_STARTED, params, key=id))
 
     def record_session_ended(
         self,

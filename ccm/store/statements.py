@@ -30,7 +30,7 @@ from sqlalchemy.engine import BindTyping, Dialect
 from sqlalchemy.exc import StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from ccm.domain import LIVE_STATES
+from ccm.domain import LIVE_STATES, SessionState
 from ccm.store.models import bans, clients, connections, inbox, server_runs, sessions
 from ccm.store.writes import (
     BanParams,
@@ -41,6 +41,7 @@ from ccm.store.writes import (
     RunStoppedParams,
     SessionCreatedParams,
     SessionEndedParams,
+    SessionStartedParams,
     SystemInfoParams,
     WriteKind,
     binds,
@@ -158,6 +159,17 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
         )
         .on_conflict_do_nothing(index_elements=[sessions.c.id])
     )
+    t = binds(SessionStartedParams)
+    session_start = (
+        update(sessions)
+        .where(
+            and_(
+                sessions.c.id == t["p_id"],
+                sessions.c.state == literal_column(f"'{SessionState.PENDING.value}'"),
+            )
+        )
+        .values(state=SessionState.RUNNING.value, started_at=t["p_at"])
+    )
     e = binds(SessionEndedParams)
     session_end = (
         update(sessions)
@@ -199,6 +211,7 @@ def statements_for(dialect: str) -> dict[str, tuple[Executable, ...]]:
         WriteKind.SYSTEM_INFO: (client_system_info,),
         WriteKind.LAST_SEEN: (client_last_seen,),
         WriteKind.SESSION_CREATED: (session_insert,),
+        WriteKind.SESSION_STARTED: (session_start,),
         WriteKind.SESSION_ENDED: (session_end,),
         WriteKind.RUN_STOPPED: (run_stop,),
         WriteKind.BUS_MESSAGE: (bus_message,),

@@ -31,6 +31,8 @@ class WriteKind(StrEnum):
     LAST_SEEN = "last_seen"
     """A client was heard from (heartbeats, written in periodic batches)."""
     SESSION_CREATED = "session_created"
+    SESSION_STARTED = "session_started"
+    """A pending session (queued for a device at capacity) runs now."""
     SESSION_ENDED = "session_ended"
     RUN_STOPPED = "run_stopped"
     BAN = "ban"
@@ -82,6 +84,11 @@ class SessionCreatedParams(TypedDict):
     p_at: datetime
     p_started_at: datetime | None
     p_server_run_id: str
+
+
+class SessionStartedParams(TypedDict):
+    p_id: str
+    p_at: datetime
 
 
 class SessionEndedParams(TypedDict):
@@ -173,6 +180,10 @@ def _session_created_rows(p: SessionCreatedParams) -> Rows:
     return (("sessions", p["p_id"]),)
 
 
+def _session_started_rows(p: SessionStartedParams) -> Rows:
+    return (("sessions", p["p_id"]),)
+
+
 def _session_ended_rows(p: SessionEndedParams) -> Rows:
     return (("sessions", p["p_id"]),)
 
@@ -191,7 +202,8 @@ MOVABLE: dict[str, Movable] = {
     WriteKind.DISCONNECT: Movable(1, _disconnect_rows),
     WriteKind.LAST_SEEN: Movable(2, _last_seen_rows),
     WriteKind.SESSION_CREATED: Movable(3, _session_created_rows),
-    WriteKind.SESSION_ENDED: Movable(4, _session_ended_rows),
+    WriteKind.SESSION_STARTED: Movable(4, _session_started_rows),
+    WriteKind.SESSION_ENDED: Movable(5, _session_ended_rows),
 }
 """Kinds whose writes read and write only the rows they name (guarded updates and upserts on
 primary keys; the one foreign key, connections -> clients, is satisfied by the connect write's

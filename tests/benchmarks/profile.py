@@ -45,6 +45,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
             "StoreWriter.durable",
             "StoreWriter.flush",
             "Hub._durable",
+            "CommitWaits.durable",
             "concurrent/futures",
             "futures.py",
             "GroupCommit",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ccm.device_load import CapacityPolicy
 from ccm.domain import ClientType
 from ccm.registry import ClientConnectionManager
 from tests.benchmarks.common import Figure
@@ -205,6 +206,16 @@ def _measure(
     return fo, fs
 
 
+def _busy_registry(devices: int) -> ClientConnectionManager:
+    busy = ClientConnectionManager(capacity=CapacityPolicy(default=5))
+    rng = random.Random(14)
+    for client_id, platform, metadata in fleet(devices):
+        busy.add_client(client_id, platform, object(), ClientType.DEVICE, metadata)
+        for n in range(rng.randint(0, 5)):
+            busy.admit_session(client_id, f"{client_id}/{n}")
+    return busy
+
+
 def run(*, devices: int = 10_000, repeats: int = 7, quick: bool = False) -> dict[str, Any]:
     target = 0.02 if quick else 0.06
     ours = ClientConnectionManager()
@@ -250,6 +261,15 @@ def run(*, devices: int = 10_000, repeats: int = 7, quick: bool = False) -> dict
             call(seed.select_optimal_device, platform, caps, tags),
             1,
         )
+    # The same fleet with capacity 5 each and 0-5 sessions running on every device: least-busy
+    # selection walks free-capacity levels (the seed has no notion of load).
+    busy = _busy_registry(devices)
+    platform, caps, tags = SELECTIONS["platform+capability+tags"]
+    cases["select_optimal_device (busy fleet, capacity 5)"] = (
+        call(busy.select_optimal_device, platform, caps, tags),
+        call(seed.select_optimal_device, platform, caps, tags),
+        1,
+    )
     results: dict[str, Any] = {"devices": devices, "ops": {}}
     results["loop_overhead_ns"] = (
         timeit.Timer("for c in ids: pass", globals={"ids": ids}).timeit(1000) / (1000 * len(ids))

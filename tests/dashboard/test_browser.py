@@ -130,7 +130,7 @@ def test_dashboard_follows_a_demo_task(dashboard_server: ServerThread, browser_p
         slow = start_task(pool, server, SLOW, "dash-slow-1")  # watched while it runs
         running = page.locator("#sessions tr[data-session='dash-slow-1']")
         expect(running).to_contain_text("running", timeout=WAIT_MS)
-        expect(device).to_contain_text("1: dash-slow-1")
+        expect(device).to_contain_text("1 running: dash-slow-1")
         expect(page.locator("#constellations tbody")).to_contain_text("demo-device")
         expect(page.locator("#detail-sessions tr[data-session='dash-slow-1']")).to_be_visible()
         ARTIFACTS.mkdir(exist_ok=True)

@@ -240,10 +240,12 @@ def test_devices_lists_ids_count_and_platforms(server: ServerThread) -> None:
             return (await http.get("/api/devices")).json()
 
     body = run(scenario())
+    idle = {"running": 0, "queued": 0, "capacity": None}
     assert body == {
         "devices": ["dev-w", "dev-l1", "dev-l2"],
         "count": 3,
         "by_platform": {"windows": 1, "linux": 2},
+        "load": {"dev-w": idle, "dev-l1": idle, "dev-l2": idle},
     }
 
 
@@ -350,7 +352,10 @@ class TestSelectDevice:
         """No device with the platform and every capability: 404 with a detail."""
         response = self.select(server, params)
         assert response.status_code == 404
-        assert response.json() == {"detail": "No connected device matches"}
+        assert response.json() == {
+            "detail": "No connected device matches with room for a session; add explain=true "
+            "to see why"
+        }
 
 
 def test_reload_config_re_merges_live_devices(
@@ -661,6 +666,7 @@ def test_dispatch_returns_the_session_that_runs(server: ServerThread) -> None:
                 "task_name": "weekly-cleanup",
                 "client_id": "dev-1",
                 "session_id": session_id,
+                "state": "running",
             }
             command = await device.recv()
             assert command["type"] == "command"

@@ -35,7 +35,11 @@ from tests.support import wait_until
     ("target_id", "error"),
     [
         ("lab-pc-08", "Not authorized to send tasks to device 'lab-pc-08'"),
-        ("lab-pc-07", "Target device 'lab-pc-07' is not connected"),
+        (
+            "lab-pc-07",
+            "Target device 'lab-pc-07' is not connected; it is the only device this "
+            "constellation may use (its target_id)",
+        ),
     ],
     ids=["other-device", "device-gone"],
 )

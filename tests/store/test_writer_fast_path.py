@@ -283,6 +283,7 @@ def _samples() -> dict[str, dict[str, Any]]:
             "p_connection_id": "k-1",
             "p_at": at.astimezone(UTC) + timedelta(seconds=1),
         },
+        "session_started": {"p_id": "s-1", "p_at": at + timedelta(seconds=1)},
         "session_ended": {
             "p_id": "s-1",
             "p_state": "completed",
@@ -377,6 +378,7 @@ class TestPreparedStatements:
             "system_info",
             "last_seen",
             "session_created",
+            "session_started",
             "session_ended",
             "disconnect",
             "connect",

@@ -230,11 +230,18 @@ function stateCell(state) {
   return el("td", { class: `state state-${state}` }, state);
 }
 
+// "2/5 running, 3 queued": running of capacity (no "/n" when unlimited); "—" for another node's.
+function loadText(d) {
+  if (d.running === null || d.running === undefined) return d.sessions.length ? `${d.sessions.length}` : "—";
+  const capacity = d.capacity === null ? "" : `/${d.capacity}`;
+  return `${d.running}${capacity} running` + (d.queued ? `, ${d.queued} queued` : "");
+}
+
 function renderDevices(devices) {
   fillTable("devices", devices.map((d) => {
     const open = el("button", { type: "button", class: "link", "data-device": d.client_id }, d.client_id);
     open.addEventListener("click", () => select(d.client_id));
-    const running = d.sessions.length ? `${d.sessions.length}: ${d.sessions.join(", ")}` : "0";
+    const running = loadText(d) + (d.sessions.length ? `: ${d.sessions.join(", ")}` : "");
     return el("tr", { class: d.client_id === app.selected ? "selected" : null, "data-device": d.client_id },
       el("td", null, open, d.mode === "relay" ? el("span", { class: "muted" }, " relay") : null),
       el("td", null, d.node || "—"), el("td", null, d.platform), el("td", null, when(d.connected_at)),
