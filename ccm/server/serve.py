@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import socket
@@ -26,17 +25,12 @@ class CcmServer(uvicorn.Server):
     """uvicorn.Server that closes our WebSockets with 1001 (recorded as `server_shutdown`)
     before uvicorn's own shutdown would close them with its generic code."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, *, own_process: bool = False) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
-        self._own_process = own_process
-        """The server is the process (`ccm serve`), not a guest in one (tests): it may tune the
-        interpreter once it is up."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self._own_process:
-            tune_garbage_collector()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_devices)
 
@@ -85,24 +79,6 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
     return config
 
 
-GC_THRESHOLDS = (10_000, 50, 20)
-"""Python's defaults (700, 10, 10) run a young collection every 700 allocations, and every
-connection or task allocates thousands of short-lived objects (frames, dicts, futures) that
-reference counting frees anyway. Measured A/B (in memory, interleaved): server CPU per
-connect/register/close cycle 1,245 -> 1,129 µs, per relay task 344 -> 298 µs. A young
-collection every 10,000 allocations still reclaims cycles (tracebacks, futures) within
-milliseconds under load."""
-
-
-def tune_garbage_collector() -> None:
-    """Once the server is up: what startup built (modules, the app, pools) lives as long as the
-    process, so it is moved out of the collector's sight (`gc.freeze`) and full collections
-    scan only what serving allocates; then the collector runs less often (GC_THRESHOLDS)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def run_server(app: FastAPI, settings: Settings) -> None:
     raise_open_files_limit()  # before the first socket: thousands of clients need descriptors
     config = uvicorn_config(app, settings)
@@ -111,7 +87,7 @@ def run_server(app: FastAPI, settings: Settings) -> None:
     # gracefully ends with status 0 instead: the handler found is this one.
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        CcmServer(config, app, own_process=True).run()
+        CcmServer(config, app).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
