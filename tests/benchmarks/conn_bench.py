@@ -76,11 +76,13 @@ def _hold(server: Server, logs: Path, count: int, concurrency: int) -> dict[str,
     }
 
 
-def burst(*, logs: Path, sqlite_url: str, count: int) -> dict[str, Any]:
+def burst(
+    *, logs: Path, sqlite_url: str, count: int, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """`count` devices connect to a fresh ccm (SQLite) at once and retry until registered (the
     reconnect storm after a restart): seconds until the last is registered, and until all of
     their connection rows are committed."""
-    server = start_ccm("burst-ccm", logs, database_url=sqlite_url)
+    server = start_ccm("burst-ccm", logs, database_url=sqlite_url, extra=extra)
     engine = make_engine(sqlite_url)
     child = Child(
         [
@@ -93,6 +95,8 @@ def burst(*, logs: Path, sqlite_url: str, count: int) -> dict[str, Any]:
             str(count),
             "--prefix",
             "storm",
+            "--addresses",
+            str(max(1, count // 10)),
         ],
         log=logs / "loadgen-burst.log",
     )

@@ -87,8 +87,8 @@ def register_constellation_frame(client_id: str, target: str) -> str:
     )
 
 
-async def connect(url: str) -> Any:
-    return await websockets.connect(url, **CONNECT)
+async def connect(url: str, **extra: Any) -> Any:
+    return await websockets.connect(url, **CONNECT, **extra)
 
 
 async def registered(url: str, frame: str, retry_for: float = 0.0) -> Any:
@@ -413,26 +413,38 @@ async def idle(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def burst(args: argparse.Namespace) -> dict[str, Any]:
-    """`count` devices connect at once, as after a restart or a node's death: each retries (after
-    0.1-0.5 s, as a reconnecting client backs off) until it is registered. Reports when the last
-    one was; then holds them until stdin says so, and closes them."""
+    """`count` devices connect at once, as after a restart or a node's death, from `addresses`
+    loopback addresses (127.1.x.y: a fleet is many hosts, and the server's per-address limits
+    must see them so). Each retries what is refused with exponential backoff and full jitter
+    (up to 0.25 s, doubling to 4 s), as a well-behaved reconnecting client does. Reports when
+    the last one was registered; then holds them until stdin says so, and closes them."""
     conns: list[Any] = []
     refused = 0
     rng = random.Random(7)
-    deadline = time.perf_counter() + 120
+    deadline = time.perf_counter() + 180
 
     async def one(i: int) -> None:
         nonlocal refused
         frame = register_frame(f"{args.prefix}-burst-{i}", index=i)
+        a = i % args.addresses
+        local = {"local_addr": (f"127.1.{a // 250}.{a % 250 + 1}", 0)} if args.addresses > 1 else {}
+        attempt = 0
         while time.perf_counter() < deadline:
             try:
-                conns.append(await registered(args.url, frame))
-                return
+                ws = await connect(args.url, **local)
+                await ws.send(frame)
+                reply = json.loads(await ws.recv())
+                if reply.get("status") == "ok":
+                    conns.append(ws)
+                    return
+                await ws.close()
+                raise RuntimeError(f"registration refused: {reply.get('error')}")
             except Exception as exc:
                 refused += 1
                 if refused <= 3:
                     print(f"registration refused, retrying: {exc!r}", file=sys.stderr)
-                await asyncio.sleep(rng.uniform(0.1, 0.5))
+                await asyncio.sleep(rng.uniform(0, min(4.0, 0.25 * 2**attempt)))
+                attempt += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(args.count)))
@@ -449,9 +461,6 @@ async def burst(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
     return {"closed": len(conns)}
-
-
-# -- failover: devices of a killed server register again on another -------------------------
 
 
 async def failover(args: argparse.Namespace) -> dict[str, Any]:
@@ -544,6 +553,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=32)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--addresses", type=int, default=1, help="burst: source addresses")
     args = parser.parse_args()
     raise_nofile_limit()
     try:
