@@ -488,52 +488,74 @@ def _details(results: dict[str, Any]) -> list[str]:
 
 LIMITS = """## What limits the missed targets
 
-The table's figures are this run's. The ranges below span the runs made while working on each
-limit on the same shared two-core machine, where other test runs compete for the cores (a run's
-repeats can differ by 50%): compare ratios and CPU per operation, which move less than rates.
+The table's figures are this run's. Figures quoted below come from the measurements made while
+working on each limit on the same shared two-core machine (named where they are not this run's):
+compare ratios and CPU per operation, which move less than rates.
 
-- **Relay throughput (12,000 tasks/s) and p99 (15 ms at 64 in flight).** In memory the bound is
-  CPython work per frame on the one event-loop thread: 500 to 590 µs of server CPU per task
-  (670 before this round: per-frame `wait_for` tasks, the per-connection sender task and queue,
-  the unstorable-value regex, a `uuid4` system call per id and prometheus locks per frame are
-  gone). A task is two frames in and four out, each through uvicorn's websockets-sansio protocol,
-  Starlette and JSON; the socket write inside uvicorn's `send` alone is 11% to 40% of the loop's
-  samples. 12,000 tasks/s would need about 80 µs per task, and the Python load generator alone
-  needs 200 to 320 µs per task, more than the machine's two cores at that rate. With 64 sessions
-  in flight the mean latency is 64 / throughput (Little's law), so a 15 ms p99 needs well over
-  4,300 tasks/s.
-- **SQLite at ≥ 85% of in-memory (73% in this run, 65% to 87% per repeat over the round; 53%
-  before it).** With persistence the event-loop thread is no longer the bound: it is busy 45% to
-  75% of the time against 70% to 88% in memory (the "event-loop thread busy" note). Sessions wait
-  on commits: by the durability promise in README a session is acknowledged only after its row
-  is committed and a `completed` TASK_END goes out only after the final state is, so each task
-  has two group commits on its critical path. Scraped `ccm_store_commit_seconds` at this load:
-  about 2 to 4 ms per commit of 10 to 15 writes; a session row goes into seven B-trees (table,
-  primary key, six audit and cleanup indexes) and the writer thread shares the GIL with the
-  loop. Done: receive loops no longer wait for commits (a connection's sessions share one), the
-  writer groups a batch into one executemany per kind with driver SQL compiled once (writer CPU
-  per session 220 → 59 µs in bench_writer), a 64 MB page cache. Tried without effect: a 0.5 ms
-  GIL switch interval (three interleaved runs), a commit delay to grow batches. What is left:
-  sending the TASK to the device before the commit (it would break the promise that every
-  session a device runs has its row), or a writer out of the server's process.
-- **Peer ratio (≥ 1.0× the seed server; 0.87× to 0.93× in this run, 0.73× to 1.21× per phase
-  over the round).** Server CPU per operation went from 1.6-2.0× the seed's to 1.3×. What ccm
-  still does that the seed does not: the identity check and liveness stamp on every frame, frame
-  and registration metrics, a registry with indexes, and persisting every connect and disconnect
-  (the writer's SQL runs in the same process). Heartbeats and device-info replies come within
-  about 10% of the seed, and above it in some repeats; connect/register/close cycles pay for two
-  SQL writes each and for uvicorn's handshake, which the seed shares.
+**Before and after this round** (`/ws` straight to its endpoint past Starlette's router and
+wrappers; uvicorn's copy of the handshake dropped after the accept; no caller lookup per log
+record; a list instead of a deque per flap-guard subject; pending connections capped at 10,000
+instead of 1,000). An interleaved A/B of three trees, three rounds, medians, idle machine (load
+0.3 to 1): the tree before the structure issue, the tree before this round, and this one.
+Server CPU per connect/register/close cycle in memory 1,203 / 1,213 / 1,227 µs; per relay task
+in memory 275 / 262 / 275 µs; per cycle persisted to SQLite 1,629 / 1,608 / 1,535 µs (777 /
+783 / 828 cycles/s). So nothing got slower with the structure and cluster work, and this
+round's CPU changes are inside the noise (±10% between rounds). What moved: memory per idle
+connection (44.0 to 36.2 KiB at 2,000 in quick runs, this run's figure at 10,000 above) and the
+burst (10,000 devices at once: 91.7 s with the old cap and a client retrying every 0.1 to 0.5 s,
+41.7 s with backoff, 10.4 s with the new cap and no refusal). Tried and not kept: Python's
+collector with a young threshold of 10,000 (and `gc.freeze()` after start) cut CPU per cycle by
+about a tenth (1,245 to 1,129 µs, per relay task 344 to 298 µs), but RSS then grew 24 to 36 MB
+over the fault suite's connect cycles, failing its leak check; `gc.freeze()` alone or a
+threshold of 2,000 made no measurable difference.
+
+- **Connect/register/close cycles at 1.3× the seed.** The seed server is FastAPI and uvicorn with
+  a dict: its 650 to 850 µs of CPU per cycle is almost all the stack's own (the HTTP upgrade,
+  the websockets handshake, Starlette, one log line), the stack ccm runs on. A py-spy
+  comparison (samples per 1,000 cycles, in memory) put ccm's endpoint at 340 against the seed's
+  144 and the rest of the stack at about the same: ccm's own work per cycle is the token check,
+  the flap guard, the registry and its device index, two INFO lines, metrics, and four SQL
+  writes (client upsert and connection insert, connection close and client offline) in the
+  writer thread, which shares the GIL. 1.3× the seed would need ccm to spend less per cycle than
+  the seed's framework alone; it stays at about half the seed's rate when it persists.
+- **10,000 devices connecting at once within 10 s.** 10.4 s to the last registration and 10.8 s
+  to the last connection row committed in the run that set the new cap (10,000 devices from
+  1,000 loopback addresses, no refusal). That is the steady registration rate (about 900/s
+  with history persisted); the load generator shares the two cores.
+- **Relay in memory at ≤ 150 µs of server CPU per task.** A task is two frames in and four out.
+  A heartbeat round trip (one in, one out) is the stack's floor at about 40 µs; four sends
+  through uvicorn's sans-I/O protocol were a quarter of the relay profile's samples on their
+  own, and ccm's session work (create, finish, announce, one INFO line per session, metrics)
+  about 40%. 150 µs leaves almost nothing for ccm's own work.
+- **Durable relay at ≥ 85% (SQLite) and ≥ 75% (Postgres) of in-memory.** The event-loop thread is
+  not the bound with persistence (busy about a third of the time against half in memory): each
+  task waits for two group commits (its row before its ACK, its final state before its
+  TASK_END, the durability promise). Scraped at 64 in flight on SQLite: 0.68 ms per commit
+  averaged over 3,143 commits of 6.4 writes each in 5 s, the writer busy 43% of the time; the
+  rest of the added latency is the hand-offs (loop to writer thread, writer back to the loop)
+  that a loaded two-core machine stretches. A 0.5 ms GIL switch interval changed nothing (two
+  interleaved runs, earlier rounds the same). Not built, so not measured: the writer in a
+  process of its own. Writes per session are already two plus the connection's own.
+- **Idle memory at ≤ 30 KB per connection.** A tracemalloc diff over 2,000 idle connections
+  attributes about 6 KB each to uvicorn's WebSocket protocol object, 2.5 KB to its receive
+  queue, 1.5 KB to its events, about 3 KB to the coroutine frames of the ASGI middleware that
+  stays (uvicorn's proxy headers, FastAPI's error and telemetry layers, ccm's guards), about
+  2.5 KB to the REGISTER's metadata and system info ccm keeps, and about 4 KB to ccm's own
+  objects (peer, client info, index entries, flap-guard entry). The seed server is at the same
+  figure (0.96× this run).
+- **Cross-node relay at ≥ 70% of same-node.** Latency-bound, not CPU-bound: every task crosses
+  the bus three times (the TASK to the device's node, the ACK back in the session row's
+  transaction, the TASK_END back in the final state's), each a group commit, a NOTIFY and the
+  target's read of its inbox; p50 goes from about 29 to 75 ms, and with 64 sessions in flight
+  throughput is 64 / latency.
 - **Cleanup on SQLite (≥ 100,000 rows/s with the live p99 up ≤ 20%).** Both cannot hold on
   SQLite: it has one write lock, and a writer that finds it taken sleeps up to 100 ms between
-  tries. `run_cleanup` now keeps the server's p99 (met in this run) by holding the lock about
-  2 ms per batch and resting about three times as long while another connection writes, which
-  deletes about 1,000 to 2,000 rows/s; alone on the database its batches grow (15,000 to 20,000
-  rows/s in the cleanup's own measurements, 13,844 in this run). Deleting a row updates seven B-trees. For SQLite deployments: run the
-  cleanup often (each run is then small) or off-peak; use PostgreSQL for large fleets.
-- **Cleanup on PostgreSQL.** Deletion ran at 102,000 rows/s in this run (83,000 before; rows
-  by ctid, windows of the end-time index). Row locks mean the server never waits on it, but the
-  delete's CPU and WAL come out of the same two cores as the server and the load generator; the
-  job rests half as long as each batch took, and the p99 moved by +22% in this run (+91% before).
+  tries. `run_cleanup` keeps the server's p99 by holding the lock about 2 ms per batch and
+  resting about three times as long while another connection writes; alone on the database its
+  batches grow. For SQLite deployments: run the cleanup often (each run is then small) or
+  off-peak; use PostgreSQL for large fleets.
+- **Cleanup on PostgreSQL, p99 up ≤ 20%.** Row locks mean the server never waits on it, but the
+  delete's CPU and WAL come out of the same two cores as the server and the load generator.
 """
 
 
