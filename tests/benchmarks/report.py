@@ -399,10 +399,10 @@ def _details(results: dict[str, Any]) -> list[str]:
         f"4. **Connections**: {cfg['connections']:,} UFO devices register 200 at a time and stay "
         f"idle; memory is the server's RSS growth over them (after a warm-up); ccm persists "
         f"every connection to SQLite. The burst: as many devices open their connection at "
-        f"once against a fresh ccm on SQLite, with its shipped limits (at most 1,000 "
-        f"connections pending registration: the rest are refused and retry after 0.1 to "
-        f"0.5 s, as a reconnecting client backs off), timed until the last is registered and "
-        f"until all their connection rows are committed."
+        f"once, from one loopback address per ten devices, against a fresh ccm on SQLite with "
+        f"its shipped limits (a connection refused over a cap retries with exponential backoff "
+        f"and full jitter, as a reconnecting client does), timed until the last is registered "
+        f"and until all their connection rows are committed."
     )
     out.append(
         f"5. **Cleanup and audit**: {cfg['cleanup_rows']:,} finished sessions and as many closed "
