@@ -76,13 +76,11 @@ def _hold(server: Server, logs: Path, count: int, concurrency: int) -> dict[str,
     }
 
 
-def burst(
-    *, logs: Path, sqlite_url: str, count: int, extra: tuple[str, ...] = ()
-) -> dict[str, Any]:
+def burst(*, logs: Path, sqlite_url: str, count: int) -> dict[str, Any]:
     """`count` devices connect to a fresh ccm (SQLite) at once and retry until registered (the
     reconnect storm after a restart): seconds until the last is registered, and until all of
     their connection rows are committed."""
-    server = start_ccm("burst-ccm", logs, database_url=sqlite_url, extra=extra)
+    server = start_ccm("burst-ccm", logs, database_url=sqlite_url)
     engine = make_engine(sqlite_url)
     child = Child(
         [

@@ -91,13 +91,13 @@ async def connect(url: str, **extra: Any) -> Any:
     return await websockets.connect(url, **CONNECT, **extra)
 
 
-async def registered(url: str, frame: str, retry_for: float = 0.0) -> Any:
+async def registered(url: str, frame: str, retry_for: float = 0.0, **extra: Any) -> Any:
     """A connection whose REGISTER was accepted. `retry_for`: seconds to keep trying after a
     refusal (a constellation on another node than its device: the target may not be listed
-    there yet)."""
+    there yet). `extra` goes to the connect (`local_addr`, say)."""
     deadline = time.monotonic() + retry_for
     while True:
-        ws = await connect(url)
+        ws = await connect(url, **extra)
         await ws.send(frame)
         reply = json.loads(await ws.recv())
         if reply.get("status") == "ok":
@@ -431,14 +431,8 @@ async def burst(args: argparse.Namespace) -> dict[str, Any]:
         attempt = 0
         while time.perf_counter() < deadline:
             try:
-                ws = await connect(args.url, **local)
-                await ws.send(frame)
-                reply = json.loads(await ws.recv())
-                if reply.get("status") == "ok":
-                    conns.append(ws)
-                    return
-                await ws.close()
-                raise RuntimeError(f"registration refused: {reply.get('error')}")
+                conns.append(await registered(args.url, frame, **local))
+                return
             except Exception as exc:
                 refused += 1
                 if refused <= 3:

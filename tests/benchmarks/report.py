@@ -512,7 +512,7 @@ threshold of 2,000 made no measurable difference.
 - **Connect/register/close cycles at 1.3× the seed.** The seed server is FastAPI and uvicorn with
   a dict: its 650 to 850 µs of CPU per cycle is almost all the stack's own (the HTTP upgrade,
   the websockets handshake, Starlette, one log line), the stack ccm runs on. A py-spy
-  comparison (samples per 1,000 cycles, in memory) put ccm's endpoint at 340 against the seed's
+  comparison (an ad-hoc run of this round, samples per 1,000 cycles, in memory) put ccm's endpoint at 340 against the seed's
   144 and the rest of the stack at about the same: ccm's own work per cycle is the token check,
   the flap guard, the registry and its device index, two INFO lines, metrics, and four SQL
   writes (client upsert and connection insert, connection close and client offline) in the
@@ -523,20 +523,21 @@ threshold of 2,000 made no measurable difference.
   1,000 loopback addresses, no refusal). That is the steady registration rate (about 900/s
   with history persisted); the load generator shares the two cores.
 - **Relay in memory at ≤ 150 µs of server CPU per task.** A task is two frames in and four out.
-  A heartbeat round trip (one in, one out) is the stack's floor at about 40 µs; four sends
+  A heartbeat round trip (one in, one out) is the stack's floor at about 40 µs (the issue's
+  figure); four sends
   through uvicorn's sans-I/O protocol were a quarter of the relay profile's samples on their
   own, and ccm's session work (create, finish, announce, one INFO line per session, metrics)
   about 40%. 150 µs leaves almost nothing for ccm's own work.
 - **Durable relay at ≥ 85% (SQLite) and ≥ 75% (Postgres) of in-memory.** The event-loop thread is
   not the bound with persistence (busy about a third of the time against half in memory): each
   task waits for two group commits (its row before its ACK, its final state before its
-  TASK_END, the durability promise). Scraped at 64 in flight on SQLite: 0.68 ms per commit
+  TASK_END, the durability promise). Scraped from `/metrics` in an ad-hoc run at 64 in flight on SQLite: 0.68 ms per commit
   averaged over 3,143 commits of 6.4 writes each in 5 s, the writer busy 43% of the time; the
   rest of the added latency is the hand-offs (loop to writer thread, writer back to the loop)
   that a loaded two-core machine stretches. A 0.5 ms GIL switch interval changed nothing (two
   interleaved runs, earlier rounds the same). Not built, so not measured: the writer in a
   process of its own. Writes per session are already two plus the connection's own.
-- **Idle memory at ≤ 30 KB per connection.** A tracemalloc diff over 2,000 idle connections
+- **Idle memory at ≤ 30 KB per connection.** An ad-hoc tracemalloc diff over 2,000 idle connections
   attributes about 6 KB each to uvicorn's WebSocket protocol object, 2.5 KB to its receive
   queue, 1.5 KB to its events, about 3 KB to the coroutine frames of the ASGI middleware that
   stays (uvicorn's proxy headers, FastAPI's error and telemetry layers, ccm's guards), about

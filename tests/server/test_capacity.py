@@ -63,6 +63,17 @@ async def report_done(dev: AipClient, session_id: str) -> None:
     )
 
 
+async def one_running_one_waiting(server: ServerThread) -> tuple[AipClient, AipClient]:
+    """The busy server's device and a constellation whose session s1 runs and s2 waits (1st)."""
+    dev = await device(server, DEVICE, relay=True)
+    con = await constellation(server, "nightly@lab", DEVICE)
+    await send_task(con, DEVICE, "s1")
+    assert_ok_frame(await con.recv(), "s1")
+    await send_task(con, DEVICE, "s2")
+    assert queued_ack(await con.recv(), "s2") == 1
+    return dev, con
+
+
 async def expect_task_end(client: AipClient, session_id: str, status: str) -> dict[str, Any]:
     end = await client.recv_type("task_end")
     assert (end["session_id"], end["status"]) == (session_id, status), end
@@ -166,12 +177,7 @@ def test_a_requester_that_leaves_never_starts_its_own_waiting_session(
     server = busy_server(server_factory, tmp_path)
 
     async def scenario() -> None:
-        dev = await device(server, DEVICE, relay=True)
-        con = await constellation(server, "nightly@lab", DEVICE)
-        await send_task(con, DEVICE, "s1")
-        assert_ok_frame(await con.recv(), "s1")
-        await send_task(con, DEVICE, "s2")
-        assert queued_ack(await con.recv(), "s2") == 1
+        dev, con = await one_running_one_waiting(server)
         await con.close()
         await expect_task_end(dev, "s1", "failed")
         await assert_quiet(dev)
@@ -189,12 +195,7 @@ def test_queued_sessions_fail_when_their_device_disconnects(
     server = busy_server(server_factory, tmp_path)
 
     async def scenario() -> None:
-        dev = await device(server, DEVICE, relay=True)
-        con = await constellation(server, "nightly@lab", DEVICE)
-        await send_task(con, DEVICE, "s1")
-        assert_ok_frame(await con.recv(), "s1")
-        await send_task(con, DEVICE, "s2")
-        assert queued_ack(await con.recv(), "s2") == 1
+        dev, con = await one_running_one_waiting(server)
         await dev.close()
         ended = {(await con.recv_type("task_end"))["session_id"] for _ in range(2)}
         assert ended == {"s1", "s2"}
